@@ -1,0 +1,165 @@
+// The Fastify app: routes, auth hooks and the error shape. It never listens;
+// `main` does, and tests drive it with `app.inject` or a real socket.
+
+import Fastify, { LogController, type FastifyBaseLogger, type FastifyError, type FastifyInstance, type FastifyRequest } from 'fastify';
+import type { Registry } from 'prom-client';
+import { isUuid } from './agentIdChunks.js';
+import { bearerToken, secretsEqual, type AgentAuthenticator } from './auth.js';
+import type { Batcher } from './batcher.js';
+import type { Logger } from './logger.js';
+import { agentRoutes } from './routes/agents.js';
+import { healthRoutes, type Health } from './routes/health.js';
+import { ingestRoutes } from './routes/ingest.js';
+import { readRoutes } from './routes/read.js';
+import type { MetadataStore } from './store.js';
+import type { WatchHub } from './watch.js';
+
+// 1 MiB: a report holds at most 6144 bytes of keys, and values over 2048
+// bytes are cut anyway; an agent's output of 10 KiB for each of 50 keys fits.
+export const BODY_LIMIT_BYTES = 1024 * 1024;
+// Slow clients must not hold sockets forever (slow-loris).
+const REQUEST_TIMEOUT_MS = 30_000;
+
+export interface AppDependencies {
+  logger: Logger;
+  store: MetadataStore;
+  batcher: Batcher;
+  auth: AgentAuthenticator;
+  registry: Registry;
+  health: Health;
+  watchHub: WatchHub;
+  adminToken: string | undefined;
+}
+
+/** Who a request speaks for: the admin, or one agent. */
+export type Caller = { kind: 'admin' } | { kind: 'agent'; agentId: string };
+
+declare module 'fastify' {
+  interface FastifyRequest {
+    caller: Caller | undefined;
+  }
+}
+
+export class HttpError extends Error {
+  constructor(
+    readonly statusCode: number,
+    message: string,
+  ) {
+    super(message);
+  }
+}
+
+export function buildApp(deps: AppDependencies): FastifyInstance {
+  const app = Fastify({
+    loggerInstance: deps.logger as FastifyBaseLogger,
+    bodyLimit: BODY_LIMIT_BYTES,
+    requestTimeout: REQUEST_TIMEOUT_MS,
+    connectionTimeout: REQUEST_TIMEOUT_MS,
+    // Node's 16 KiB header limit stays: more is refused with 431.
+    routerOptions: { maxParamLength: 200 },
+    return503OnClosing: true,
+    // Our own onResponse hook logs requests, without bodies or tokens.
+    logController: new LogController({ disableRequestLogging: true }),
+  });
+  app.decorateRequest('caller', undefined);
+
+  // 413 from Content-Length before the body is read, so the client sees the
+  // answer instead of a connection reset mid-upload.
+  app.addHook('onRequest', async (request, reply) => {
+    const length = Number(request.headers['content-length'] ?? 0);
+    if (length > BODY_LIMIT_BYTES) {
+      return reply.code(413).send({ error: `request body of ${length} bytes exceeds the limit of ${BODY_LIMIT_BYTES} bytes` });
+    }
+  });
+
+  // Request logs carry method, route, status and time, never bodies or tokens.
+  app.addHook('onResponse', async (request, reply) => {
+    request.log.debug(
+      { method: request.method, url: request.routeOptions.url, status: reply.statusCode, ms: Math.round(reply.elapsedTime) },
+      'request',
+    );
+  });
+
+  app.setErrorHandler((error: FastifyError, request, reply) => {
+    const status = error.statusCode ?? 500;
+    if (status >= 500) {
+      request.log.error({ err: error, url: request.routeOptions.url }, 'request failed');
+      return reply.code(status).send({ error: status === 503 ? error.message : 'internal error' });
+    }
+    return reply.code(status).send({ error: error.message });
+  });
+  app.setNotFoundHandler((request, reply) =>
+    reply.code(404).send({ error: `no route for ${request.method} ${request.url.split('?')[0]}` }),
+  );
+
+  app.register(healthRoutes, { health: deps.health, registry: deps.registry });
+  app.register(ingestRoutes, { batcher: deps.batcher, authenticate: agentOnly(deps.auth) });
+  app.register(agentRoutes, { store: deps.store, auth: deps.auth, authenticate: adminOnly(deps.adminToken) });
+  app.register(readRoutes, {
+    store: deps.store,
+    watchHub: deps.watchHub,
+    authenticate: adminOrAgent(deps.adminToken, deps.auth),
+  });
+  return app;
+}
+
+/** An onRequest hook that sets `request.caller` or throws an HttpError. */
+export type Authenticate = (request: FastifyRequest) => Promise<void>;
+
+function requireAgentIdParam(request: FastifyRequest): string | undefined {
+  const agentId = (request.params as { agentId?: string }).agentId;
+  if (agentId !== undefined && !isUuid(agentId)) throw new HttpError(400, `agentId must be a UUID (got ${JSON.stringify(agentId)})`);
+  return agentId?.toLowerCase();
+}
+
+function adminMatches(adminToken: string | undefined, token: string | undefined): boolean {
+  return adminToken !== undefined && token !== undefined && secretsEqual(token, adminToken);
+}
+
+/** The route's agent, by its own token: 401 without a valid token, 403 with another agent's. */
+function agentOnly(auth: AgentAuthenticator): Authenticate {
+  return async (request) => {
+    const agentId = requireAgentIdParam(request);
+    const token = bearerToken(request.headers.authorization);
+    if (token === undefined) throw new HttpError(401, 'missing agent token: send Authorization: Bearer <token>');
+    const owner = await lookup(auth, token);
+    if (owner === undefined) throw new HttpError(401, 'invalid agent token');
+    if (owner !== agentId) throw new HttpError(403, 'this token belongs to another agent');
+    request.caller = { kind: 'agent', agentId: owner };
+  };
+}
+
+function adminOnly(adminToken: string | undefined): Authenticate {
+  return async (request) => {
+    if (adminToken === undefined) throw new HttpError(403, 'admin API disabled: set ADMIN_TOKEN');
+    requireAgentIdParam(request);
+    const token = bearerToken(request.headers.authorization);
+    if (token === undefined) throw new HttpError(401, 'missing admin token: send Authorization: Bearer <ADMIN_TOKEN>');
+    if (!adminMatches(adminToken, token)) throw new HttpError(401, 'invalid admin token');
+    request.caller = { kind: 'admin' };
+  };
+}
+
+function adminOrAgent(adminToken: string | undefined, auth: AgentAuthenticator): Authenticate {
+  return async (request) => {
+    const agentId = requireAgentIdParam(request);
+    const token = bearerToken(request.headers.authorization);
+    if (token === undefined) throw new HttpError(401, 'missing token: send Authorization: Bearer <admin or agent token>');
+    if (adminMatches(adminToken, token)) {
+      request.caller = { kind: 'admin' };
+      return;
+    }
+    const owner = await lookup(auth, token);
+    if (owner === undefined) throw new HttpError(401, 'invalid token');
+    if (owner !== agentId) throw new HttpError(403, 'this token belongs to another agent');
+    request.caller = { kind: 'agent', agentId: owner };
+  };
+}
+
+async function lookup(auth: AgentAuthenticator, token: string): Promise<string | undefined> {
+  try {
+    return await auth.agentForToken(token);
+  } catch {
+    throw new HttpError(503, 'database unavailable: could not check the token, retry later');
+  }
+}

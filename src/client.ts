@@ -1,0 +1,111 @@
+// The listener SDK (`metabatch/client`): a reliable LISTEN on the batch
+// channel that hands over decoded agent ids. It holds one dedicated
+// connection (pg-listen), checks it every 10 s, and reconnects with backoff
+// forever. NOTIFY never replays what was missed while disconnected, so after
+// every reconnect `onResync` fires before any further batch: re-read the
+// table then.
+
+import pgListen from 'pg-listen';
+import { decodeAgentIdChunk } from './agentIdChunks.js';
+
+export const DEFAULT_CHANNEL = 'workspace_agent_metadata_batch';
+
+export interface SubscribeOptions {
+  /** postgres:// URL of the database metabatch writes to. */
+  databaseUrl: string;
+  /** NOTIFY channel; default `workspace_agent_metadata_batch`. */
+  channel?: string;
+  /** The agents (lower-case UUIDs) a batch changed; one call per NOTIFY payload. */
+  onBatch(agentIds: string[]): void;
+  /** After a reconnect (not the first connect), before further batches: batches may have been missed. */
+  onResync?(): void;
+  /** Connection problems and undecodable payloads; the subscription carries on. Default: ignored. */
+  onError?(err: Error): void;
+}
+
+export interface Subscription {
+  /** Stops listening and closes the connection. Idempotent. */
+  close(): Promise<void>;
+}
+
+// How often the connection is checked with a trivial query.
+const HEALTH_CHECK_MS = 10_000;
+// Reconnect backoff: 100 ms doubling to 5 s. Small cap: a listener that
+// missed batches is stale until it is back.
+const RECONNECT_INITIAL_MS = 100;
+const RECONNECT_MAX_MS = 5000;
+
+class SubscriptionClosed extends Error {}
+
+// CommonJS with exports.default: from ESM the function is `.default`.
+const createSubscriber = pgListen.default;
+
+/** Starts listening; resolves once the LISTEN is in place. */
+export async function subscribe(options: SubscribeOptions): Promise<Subscription> {
+  const channel = options.channel ?? DEFAULT_CHANNEL;
+  const onError = options.onError ?? (() => undefined);
+  let closed = false;
+  let firstConnect = true;
+  const subscriber = createSubscriber(
+    { connectionString: options.databaseUrl },
+    {
+      // Payloads are raw base64, not JSON.
+      parse: (payload: string) => payload,
+      serialize: (payload: string) => payload,
+      paranoidChecking: HEALTH_CHECK_MS,
+      // pg-listen gives up after retryTimeout (3 s by default): never give up.
+      retryTimeout: 0,
+      retryLimit: Number.POSITIVE_INFINITY,
+      retryInterval: (attempt: number) => {
+        // Thrown inside pg-listen's reconnect loop, this ends it after close().
+        if (closed) throw new SubscriptionClosed('subscription closed');
+        return Math.min(RECONNECT_MAX_MS, RECONNECT_INITIAL_MS * 2 ** Math.min(attempt, 16));
+      },
+    },
+  );
+  subscriber.events.on('error', (err: Error) => {
+    if (!closed) onError(err);
+  });
+  subscriber.events.on('connected', () => {
+    if (closed) {
+      // A reconnect that finished after close(): end that connection too.
+      void subscriber.close().catch(() => undefined);
+      return;
+    }
+    if (firstConnect) {
+      firstConnect = false;
+      return;
+    }
+    options.onResync?.();
+  });
+  subscriber.notifications.on(channel, (payload: string | undefined) => {
+    if (closed || payload === undefined) return;
+    let ids: string[];
+    try {
+      ids = decodeAgentIdChunk(payload);
+    } catch (err) {
+      onError(err as Error);
+      return;
+    }
+    options.onBatch(ids);
+  });
+  try {
+    await subscriber.connect();
+    await subscriber.listenTo(channel);
+  } catch (err) {
+    closed = true;
+    await subscriber.close().catch(() => undefined);
+    throw err;
+  }
+  let closing: Promise<void> | undefined;
+  return {
+    close() {
+      closed = true;
+      closing ??= subscriber.close().then(
+        () => undefined,
+        () => undefined,
+      );
+      return closing;
+    },
+  };
+}

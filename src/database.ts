@@ -1,0 +1,58 @@
+// The connection pool and the schema. Migrations are the numbered files in
+// sql/, applied by postgrator at start-up under an advisory lock so that
+// several replicas starting together apply each migration once.
+
+import { fileURLToPath } from 'node:url';
+import pg from 'pg';
+import type { Logger } from 'pino';
+import Postgrator from 'postgrator';
+
+export const SQL_DIR = fileURLToPath(new URL('../sql/', import.meta.url));
+
+// Any constant shared by every metabatch process; 'mb' 'mi' in ASCII.
+const MIGRATION_LOCK_ID = 0x6d62_6d69;
+
+// Ten connections serve the flush, the NOTIFY, the API and the watchers'
+// refetches with room to spare; more would only queue inside Postgres.
+const POOL_SIZE = 10;
+// A dead database must fail a flush, not hang it: the batcher retries.
+const CONNECT_TIMEOUT_MS = 5000;
+const QUERY_TIMEOUT_MS = 30_000;
+
+export function createPool(databaseUrl: string, log: Logger, max = POOL_SIZE): pg.Pool {
+  const pool = new pg.Pool({
+    connectionString: databaseUrl,
+    max,
+    connectionTimeoutMillis: CONNECT_TIMEOUT_MS,
+    query_timeout: QUERY_TIMEOUT_MS,
+    application_name: 'metabatch',
+  });
+  // An idle client whose backend dies (failover, pg_terminate_backend) emits
+  // here; unhandled, it would crash the process.
+  pool.on('error', (err) => log.warn({ err }, 'idle database connection lost'));
+  return pool;
+}
+
+/** Applies every pending migration of sql/; returns the names applied. */
+export async function migrate(pool: pg.Pool, log: Logger): Promise<string[]> {
+  const client = await pool.connect();
+  try {
+    await client.query('SELECT pg_advisory_lock($1)', [MIGRATION_LOCK_ID]);
+    try {
+      const postgrator = new Postgrator({
+        migrationPattern: `${SQL_DIR}*.sql`,
+        driver: 'pg',
+        schemaTable: 'metabatch_migrations',
+        execQuery: (query) => client.query(query),
+      });
+      const applied = await postgrator.migrate();
+      const names = applied.map((m) => m.filename.replace(/^.*\//, ''));
+      if (names.length > 0) log.info({ applied: names }, 'database migrated');
+      return names;
+    } finally {
+      await client.query('SELECT pg_advisory_unlock($1)', [MIGRATION_LOCK_ID]);
+    }
+  } finally {
+    client.release();
+  }
+}

@@ -1,0 +1,38 @@
+// The library: everything the service is made of, usable in-process.
+
+export { Batcher, BatcherClosedError } from './batcher.js';
+export type {
+  AddResult,
+  Announcer,
+  BatcherOptions,
+  CloseResult,
+  MetadataBatch,
+  MetadataWriter,
+  UpdateResult,
+} from './batcher.js';
+export { MetadataStore, hashToken } from './store.js';
+export type { Agent, CreatedAgent, MetadataDefinition, MetadataRow } from './store.js';
+export { Publisher } from './publisher.js';
+export {
+  decodeAgentIdChunk,
+  encodeAgentId,
+  encodeAgentIdChunks,
+  MAX_AGENT_IDS_PER_CHUNK,
+  UUID_BASE64_SIZE,
+} from './agentIdChunks.js';
+export { BatcherMetrics, WatchMetrics, FLUSH_REASONS } from './metrics.js';
+export type { FlushReason } from './metrics.js';
+export { Backoff } from './backoff.js';
+export type { Clock } from './clock.js';
+export { systemClock } from './clock.js';
+export { loadConfig, ConfigError } from './config.js';
+export type { Config } from './config.js';
+export { createPool, migrate } from './database.js';
+export { EmbeddedPostgres } from './embedded.js';
+export { buildApp } from './app.js';
+export { startService } from './main.js';
+export type { Service } from './main.js';
+export { normalizeReport, truncateUtf8, MAX_VALUE_BYTES, MAX_ERROR_BYTES, MAX_ALL_KEYS_BYTES } from './report.js';
+export { WatchHub } from './watch.js';
+export { subscribe } from './client.js';
+export type { SubscribeOptions, Subscription } from './client.js';

@@ -1,0 +1,182 @@
+// The batcher's Prometheus metrics: the original's seven (same buckets, labels
+// and help texts, under the `metabatch_` prefix) plus the ones a service that
+// keeps failed batches needs. One instance per registry; tests use a fresh
+// Registry each.
+
+import { Counter, Gauge, Histogram, type Registry } from 'prom-client';
+
+export const FLUSH_REASONS = ['capacity', 'scheduled', 'shutdown'] as const;
+export type FlushReason = (typeof FLUSH_REASONS)[number];
+
+/** What the gauges read at scrape time. */
+export interface BatcherGaugeSource {
+  channelDepth(): number;
+  channelCapacity(): number;
+  heldKeys(): number;
+  databaseUp(): boolean;
+}
+
+export class BatcherMetrics {
+  readonly batchUtilization: Histogram;
+  readonly batchSize: Histogram;
+  readonly flushDuration: Histogram<'reason'>;
+  readonly batchesTotal: Counter<'reason'>;
+  readonly droppedKeysTotal: Counter;
+  readonly flushedTotal: Counter;
+  readonly publishErrorsTotal: Counter;
+  readonly flushErrorsTotal: Counter;
+  readonly heldLimitRefusedKeysTotal: Counter;
+  readonly undeclaredKeysTotal: Counter;
+  readonly staleKeysTotal: Counter;
+  readonly notifyPayloadsTotal: Counter;
+  private source: BatcherGaugeSource | undefined;
+
+  constructor(registry: Registry) {
+    const registers = [registry];
+    this.batchUtilization = new Histogram({
+      name: 'metabatch_metadata_batch_utilization',
+      help: 'Number of metadata keys per agent in each batch, updated before flushes.',
+      buckets: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 15, 20, 40, 80, 160],
+      registers,
+    });
+    this.batchSize = new Histogram({
+      name: 'metabatch_metadata_batch_size',
+      help: 'Total number of metadata entries in each batch, updated before flushes.',
+      buckets: [10, 25, 50, 100, 150, 200, 250, 300, 350, 400, 450, 500],
+      registers,
+    });
+    this.flushDuration = new Histogram({
+      name: 'metabatch_metadata_flush_duration_seconds',
+      help: 'Time taken to flush metadata batch to database and pubsub.',
+      labelNames: ['reason'],
+      buckets: [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0],
+      registers,
+    });
+    this.batchesTotal = new Counter({
+      name: 'metabatch_metadata_batches_total',
+      help: 'Total number of metadata batches flushed.',
+      labelNames: ['reason'],
+      registers,
+    });
+    this.droppedKeysTotal = new Counter({
+      name: 'metabatch_metadata_dropped_keys_total',
+      help: 'Total number of metadata keys dropped due to capacity limits.',
+      registers,
+    });
+    this.flushedTotal = new Counter({
+      name: 'metabatch_metadata_flushed_total',
+      help: 'Total number of unique metadatas flushed.',
+      registers,
+    });
+    this.publishErrorsTotal = new Counter({
+      name: 'metabatch_metadata_publish_errors_total',
+      help: 'Total number of metadata batch pubsub publish calls that have resulted in an error.',
+      registers,
+    });
+    this.flushErrorsTotal = new Counter({
+      name: 'metabatch_metadata_flush_errors_total',
+      help: 'Total number of batch UPDATEs that failed; the batch is kept and retried.',
+      registers,
+    });
+    this.heldLimitRefusedKeysTotal = new Counter({
+      name: 'metabatch_metadata_held_limit_refused_keys_total',
+      help: 'Total number of new metadata keys refused (429) because the batch held while the database fails reached MAX_HELD_KEYS.',
+      registers,
+    });
+    this.undeclaredKeysTotal = new Counter({
+      name: 'metabatch_metadata_undeclared_keys_total',
+      help: 'Total number of flushed metadata keys ignored because the agent never declared them.',
+      registers,
+    });
+    this.staleKeysTotal = new Counter({
+      name: 'metabatch_metadata_stale_keys_total',
+      help: 'Total number of flushed metadata keys not written because the row already held a newer collected_at.',
+      registers,
+    });
+    this.notifyPayloadsTotal = new Counter({
+      name: 'metabatch_metadata_notify_payloads_total',
+      help: 'Total number of NOTIFY payloads published.',
+      registers,
+    });
+    const read = (pick: (source: BatcherGaugeSource) => number) =>
+      function (this: Gauge) {
+        // `this` is the gauge itself, as prom-client calls collect.
+        const source = sourceOf();
+        if (source) this.set(pick(source));
+      };
+    const sourceOf = () => this.source;
+    new Gauge({
+      name: 'metabatch_metadata_channel_depth',
+      help: 'Metadata updates queued in the channel, waiting for the batcher loop.',
+      registers,
+      collect: read((s) => s.channelDepth()),
+    });
+    new Gauge({
+      name: 'metabatch_metadata_channel_capacity',
+      help: 'Capacity of the channel (BATCH_SIZE * CHANNEL_MULTIPLIER); updates beyond it are dropped.',
+      registers,
+      collect: read((s) => s.channelCapacity()),
+    });
+    new Gauge({
+      name: 'metabatch_metadata_held_keys',
+      help: 'Distinct (agent, key) entries held in the batch, not yet in the database.',
+      registers,
+      collect: read((s) => s.heldKeys()),
+    });
+    new Gauge({
+      name: 'metabatch_database_up',
+      help: '1 while the last batch UPDATE succeeded, 0 while flushes are failing and being retried.',
+      registers,
+      collect: read((s) => (s.databaseUp() ? 1 : 0)),
+    });
+  }
+
+  /** Lets the gauges read the batcher's state at scrape time. */
+  bind(source: BatcherGaugeSource): void {
+    this.source = source;
+  }
+}
+
+/** The listening side: the shared LISTEN connection and the SSE watchers it feeds. */
+export class WatchMetrics {
+  readonly watchers: Gauge;
+  readonly listenerBatchesTotal: Counter;
+  readonly listenerReconnectsTotal: Counter;
+  readonly eventsSentTotal: Counter;
+  readonly eventsDroppedTotal: Counter;
+  readonly refetchErrorsTotal: Counter;
+
+  constructor(registry: Registry) {
+    const registers = [registry];
+    this.watchers = new Gauge({
+      name: 'metabatch_watchers',
+      help: 'Server-Sent Events watch streams open.',
+      registers,
+    });
+    this.listenerBatchesTotal = new Counter({
+      name: 'metabatch_listener_batches_total',
+      help: 'NOTIFY payloads received by the shared listener.',
+      registers,
+    });
+    this.listenerReconnectsTotal = new Counter({
+      name: 'metabatch_listener_reconnects_total',
+      help: 'Times the shared LISTEN connection was re-established.',
+      registers,
+    });
+    this.eventsSentTotal = new Counter({
+      name: 'metabatch_watch_events_sent_total',
+      help: 'Watch events written to clients.',
+      registers,
+    });
+    this.eventsDroppedTotal = new Counter({
+      name: 'metabatch_watch_events_dropped_total',
+      help: 'Watch events replaced by a newer one before a slow client could take them.',
+      registers,
+    });
+    this.refetchErrorsTotal = new Counter({
+      name: 'metabatch_watch_refetch_errors_total',
+      help: 'Failed reads of watched agents after a batch; retried on the next tick.',
+      registers,
+    });
+  }
+}

@@ -1,0 +1,56 @@
+// POST /v1/agents/{agentId}/metadata: an agent reports; the batcher queues.
+// 202 when every key was queued, 429 with Retry-After when some were refused.
+
+import type { FastifyPluginAsync } from 'fastify';
+import { BatcherClosedError, type Batcher } from '../batcher.js';
+import { MAX_ALL_KEYS_BYTES, MAX_KEY_CHARS, normalizeReport, type ReportItem } from '../report.js';
+import { HttpError, type Authenticate } from '../app.js';
+
+const reportSchema = {
+  type: 'object',
+  required: ['metadata'],
+  properties: {
+    metadata: {
+      type: 'array',
+      // Each key is at least one byte, so more items than this always exceed the key limit.
+      maxItems: MAX_ALL_KEYS_BYTES,
+      items: {
+        type: 'object',
+        required: ['key'],
+        properties: {
+          key: { type: 'string', minLength: 1, maxLength: MAX_KEY_CHARS },
+          value: { type: 'string' },
+          error: { type: 'string' },
+          collected_at: { type: 'string' },
+        },
+      },
+    },
+  },
+} as const;
+
+export const ingestRoutes: FastifyPluginAsync<{ batcher: Batcher; authenticate: Authenticate }> = async (
+  app,
+  { batcher, authenticate },
+) => {
+  app.post<{ Params: { agentId: string }; Body: { metadata: ReportItem[] } }>(
+    '/v1/agents/:agentId/metadata',
+    { onRequest: authenticate, schema: { body: reportSchema } },
+    async (request, reply) => {
+      const caller = request.caller;
+      if (caller?.kind !== 'agent') throw new HttpError(401, 'invalid agent token');
+      const report = normalizeReport(request.body.metadata, new Date());
+      let result;
+      try {
+        result = batcher.add(caller.agentId, report.keys, report.values, report.errors, report.collectedAts);
+      } catch (err) {
+        if (err instanceof BatcherClosedError) throw new HttpError(503, 'shutting down: retry against another replica or later');
+        throw err;
+      }
+      if (result.dropped > 0) {
+        reply.header('retry-after', String(batcher.retryAfterSeconds));
+        return reply.code(429).send(result);
+      }
+      return reply.code(202).send(result);
+    },
+  );
+};

@@ -1,0 +1,68 @@
+// Read API: an agent's metadata now (GET), or live as Server-Sent Events.
+// Auth: the admin token, or the agent's own token.
+
+import type { FastifyPluginAsync } from 'fastify';
+import { HttpError, type Authenticate } from '../app.js';
+import type { MetadataStore } from '../store.js';
+import { toView, type WatchHub } from '../watch.js';
+
+export const readRoutes: FastifyPluginAsync<{
+  store: MetadataStore;
+  watchHub: WatchHub;
+  authenticate: Authenticate;
+}> = async (app, { store, watchHub, authenticate }) => {
+  app.get<{ Params: { agentId: string } }>(
+    '/v1/agents/:agentId/metadata',
+    { onRequest: authenticate },
+    async (request) => {
+      const agentId = request.params.agentId.toLowerCase();
+      const rows = await store.getMetadata(agentId);
+      if (rows === undefined) throw new HttpError(404, `agent ${agentId} not found`);
+      const now = Date.now();
+      return rows.map((row) => toView(row, now));
+    },
+  );
+
+  app.get<{ Params: { agentId: string } }>(
+    '/v1/agents/:agentId/metadata/watch',
+    { onRequest: authenticate },
+    async (request, reply) => {
+      const agentId = request.params.agentId.toLowerCase();
+      // Watch first, then read: a batch in between marks the agent for a re-read.
+      const watcher = watchHub.add(agentId);
+      let rows;
+      try {
+        rows = await store.getMetadata(agentId);
+      } catch (err) {
+        watchHub.remove(watcher);
+        throw err;
+      }
+      if (rows === undefined) {
+        watchHub.remove(watcher);
+        throw new HttpError(404, `agent ${agentId} not found`);
+      }
+      const res = reply.raw;
+      reply.hijack();
+      res.writeHead(200, {
+        'content-type': 'text/event-stream',
+        'cache-control': 'no-cache',
+        connection: 'keep-alive',
+        'x-accel-buffering': 'no',
+      });
+      res.flushHeaders();
+      request.raw.socket.setNoDelay(true);
+      const stop = () => watchHub.remove(watcher);
+      res.on('close', stop);
+      res.on('error', stop);
+      watchHub.attach(
+        watcher,
+        {
+          write: (chunk) => res.write(chunk),
+          onceDrained: (callback) => res.once('drain', callback),
+          end: () => res.end(),
+        },
+        rows,
+      );
+    },
+  );
+};

@@ -1,0 +1,427 @@
+// The original's batcher tests (reference section 5.2) with the same numbers,
+// against a real Postgres and a real LISTEN, the loop's time driven by a fake
+// clock; then the cases the original never tested.
+
+import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from 'vitest';
+import { createTestDatabase, type TestDatabase } from './support/db.js';
+import { createHarness, rowsOf, type Harness } from './support/harness.js';
+
+let db: TestDatabase;
+const harnesses: Harness[] = [];
+
+beforeAll(async () => {
+  db = await createTestDatabase();
+});
+afterAll(async () => {
+  await db.drop();
+});
+afterEach(async () => {
+  await Promise.all(harnesses.splice(0).map((h) => h.close()));
+});
+
+async function harness(options: Parameters<typeof createHarness>[1] = {}): Promise<Harness> {
+  const h = await createHarness(db, options);
+  harnesses.push(h);
+  return h;
+}
+
+const at = (iso: string) => new Date(iso);
+const sorted = (ids: readonly string[]) => [...ids].sort();
+
+describe('TestMetadataBatcher', () => {
+  it('flushes nothing on an empty tick, then 2, 5 and 500 entries (totals 0, 2, 7, 507)', async () => {
+    const h = await harness();
+    const [agent1, agent2] = await db.createAgents(2, ['key1', 'key2', 'key3']);
+    const t2 = at('2026-11-23T00:00:02Z');
+    const t3 = at('2026-11-23T00:00:03Z');
+    const t4 = at('2026-11-23T00:00:04Z');
+
+    // Flush 1: an empty tick calls nothing and counts nothing.
+    await h.advance(5000);
+    expect(h.store.calls).toHaveLength(0);
+    expect(await h.metric('metabatch_metadata_batches_total', { reason: 'scheduled' })).toBe(0);
+
+    // Flush 2: the timer was re-armed.
+    h.batcher.add(agent1!, ['key1', 'key2'], ['value1', 'value2'], ['', ''], [t2, t2]);
+    await h.batcher.idle();
+    expect(h.batcher.channelLength).toBe(0);
+    expect(h.batcher.currentBatchLen).toBe(2);
+    expect(await h.metric('metabatch_metadata_dropped_keys_total')).toBe(0);
+    await h.advance(5000);
+    expect(h.store.calls).toHaveLength(1);
+    expect(await rowsOf(db, [agent1!])).toEqual([
+      `${agent1}|key1|value1||2026-11-23T00:00:02.000Z`,
+      `${agent1}|key2|value2||2026-11-23T00:00:02.000Z`,
+      `${agent1}|key3|||0001-01-01T00:00:00.000Z`,
+    ]);
+    await h.waitForPayloads(1);
+    expect(h.payloads).toEqual([[agent1]]);
+    expect(await h.metric('metabatch_metadata_batches_total', { reason: 'scheduled' })).toBe(1);
+    expect(await h.metric('metabatch_metadata_flushed_total')).toBe(2);
+
+    // Flush 3: two agents, five entries.
+    h.batcher.add(agent1!, ['key1', 'key2', 'key3'], ['new_value1', 'new_value2', 'new_value3'], ['', '', ''], [t3, t3, t3]);
+    h.batcher.add(agent2!, ['key1', 'key2'], ['agent2_value1', 'agent2_value2'], ['', ''], [t3, t3]);
+    await h.batcher.idle();
+    expect(h.batcher.currentBatchLen).toBe(5);
+    await h.advance(5000);
+    expect(h.store.calls).toHaveLength(2);
+    expect(h.store.calls[1]!.keys).toHaveLength(5);
+    await h.waitForPayloads(2);
+    expect(sorted(h.payloads[1]!)).toEqual(sorted([agent1!, agent2!]));
+    expect(await h.metric('metabatch_metadata_batches_total', { reason: 'scheduled' })).toBe(2);
+    expect(await h.metric('metabatch_metadata_flushed_total')).toBe(7);
+
+    // Flush 4: 500 new agents reach capacity with no clock advance.
+    const bulk = await db.createAgents(500);
+    for (const id of bulk) h.batcher.add(id, ['key1'], ['bulk_value'], [''], [t4]);
+    await h.batcher.idle();
+    expect(h.store.calls).toHaveLength(3);
+    expect(h.store.calls[2]!.keys).toHaveLength(500);
+    await h.waitForPayloads(4);
+    expect(h.payloads.slice(2).map((p) => p.length)).toEqual([363, 137]);
+    expect(sorted(h.payloads.slice(2).flat())).toEqual(sorted(bulk));
+    expect(await h.metric('metabatch_metadata_batches_total', { reason: 'capacity' })).toBe(1);
+    expect(await h.metric('metabatch_metadata_flushed_total')).toBe(507);
+    const { rows } = await db.pool.query(`SELECT count(*)::int AS n FROM workspace_agent_metadata WHERE value = 'bulk_value'`);
+    expect(rows[0].n).toBe(500);
+  });
+});
+
+describe('TestMetadataBatcher_DropsWhenFull', () => {
+  it('drops exactly the one update that finds the channel full, then flushes the rest (6 flushes)', async () => {
+    const h = await harness({ batchSize: 2 }); // channel of 10
+    const agents = await db.createAgents(13);
+    let release!: () => void;
+    h.store.gate = new Promise((resolve) => (release = resolve));
+    const t = at('2026-11-23T00:00:01Z');
+
+    h.batcher.add(agents[0]!, ['key1'], ['v'], [''], [t]);
+    h.batcher.add(agents[1]!, ['key1'], ['v'], [''], [t]);
+    // The capacity flush starts and blocks in the store.
+    await vi.waitFor(() => expect(h.store.calls).toHaveLength(1));
+    for (const id of agents.slice(2, 12)) expect(h.batcher.add(id, ['key1'], ['v'], [''], [t])).toEqual({ accepted: 1, dropped: 0 });
+    expect(h.batcher.channelLength).toBe(10);
+    expect(h.batcher.add(agents[12]!, ['key1'], ['v'], [''], [t])).toEqual({ accepted: 0, dropped: 1 });
+    expect(await h.metric('metabatch_metadata_dropped_keys_total')).toBe(1);
+
+    h.store.gate = undefined;
+    release();
+    await h.batcher.idle();
+    expect(h.store.calls).toHaveLength(6);
+    await h.waitForPayloads(6);
+    expect(h.payloads).toHaveLength(6);
+    expect(await h.metric('metabatch_metadata_dropped_keys_total')).toBe(1);
+    expect(await h.metric('metabatch_metadata_flushed_total')).toBe(12);
+    expect(await h.metric('metabatch_metadata_batches_total', { reason: 'capacity' })).toBe(6);
+    expect(await rowsOf(db, [agents[12]!])).toEqual([`${agents[12]}|key1|||0001-01-01T00:00:00.000Z`]);
+  });
+});
+
+describe('TestMetadataBatcher_Deduplication', () => {
+  const t1 = at('2026-11-23T00:00:01.000Z');
+  const t2 = at('2026-11-23T00:00:01.001Z');
+  it.each([
+    {
+      name: 'same key updated twice keeps newest',
+      adds: [
+        { keys: ['key1'], values: ['first_value'], t: t1 },
+        { keys: ['key1'], values: ['second_value'], t: t2 },
+      ],
+      want: ['key1|second_value||2026-11-23T00:00:01.001Z'],
+    },
+    {
+      name: 'mixed keys with partial overlap',
+      adds: [
+        { keys: ['key1', 'key2'], values: ['value1', 'value2'], t: t1 },
+        { keys: ['key1', 'key3'], values: ['new_value1', 'value3'], t: t2 },
+      ],
+      want: [
+        'key1|new_value1||2026-11-23T00:00:01.001Z',
+        'key2|value2||2026-11-23T00:00:01.000Z',
+        'key3|value3||2026-11-23T00:00:01.001Z',
+      ],
+    },
+  ])('$name', async ({ adds, want }) => {
+    const h = await harness();
+    const [agent] = await db.createAgents(1, ['key1', 'key2', 'key3']);
+    for (const add of adds) {
+      h.batcher.add(agent!, add.keys, add.values, add.keys.map(() => ''), add.keys.map(() => add.t));
+    }
+    await h.batcher.idle();
+    expect(h.batcher.currentBatchLen).toBe(want.length);
+    await h.advance(5000);
+    expect(h.store.calls).toHaveLength(1);
+    const rows = (await rowsOf(db, [agent!])).map((r) => r.slice(agent!.length + 1)).filter((r) => !r.endsWith('0001-01-01T00:00:00.000Z'));
+    expect(rows).toEqual(want);
+    expect(await h.metric('metabatch_metadata_batches_total', { reason: 'scheduled' })).toBe(1);
+    expect(await h.metric('metabatch_metadata_flushed_total')).toBe(want.length);
+    await h.waitForPayloads(1);
+    expect(h.payloads).toEqual([[agent]]);
+  });
+});
+
+describe('TestMetadataBatcher_TimestampOrdering', () => {
+  it('keeps the newest collected_at whatever the arrival order', async () => {
+    const h = await harness();
+    const [agent] = await db.createAgents(1);
+    const t1 = at('2026-11-23T00:00:01Z');
+    const t2 = at('2026-11-23T00:00:02Z');
+    const t3 = at('2026-11-23T00:00:03Z');
+    h.batcher.add(agent!, ['key1'], ['newer_value'], [''], [t2]);
+    h.batcher.add(agent!, ['key1'], ['older_value'], [''], [t1]);
+    h.batcher.add(agent!, ['key1'], ['newest_value'], [''], [t3]);
+    await h.batcher.idle();
+    expect(h.batcher.currentBatchLen).toBe(1);
+    await h.advance(5000);
+    expect(await rowsOf(db, [agent!])).toEqual([`${agent}|key1|newest_value||2026-11-23T00:00:03.000Z`]);
+    await h.waitForPayloads(1);
+    expect(h.payloads).toHaveLength(1);
+    expect(await h.metric('metabatch_metadata_batches_total', { reason: 'scheduled' })).toBe(1);
+    expect(await h.metric('metabatch_metadata_flushed_total')).toBe(1);
+  });
+
+  it('lets the later arrival win a tie', async () => {
+    const h = await harness();
+    const [agent] = await db.createAgents(1);
+    const t = at('2026-11-23T00:00:01Z');
+    h.batcher.add(agent!, ['key1'], ['first'], [''], [t]);
+    h.batcher.add(agent!, ['key1'], ['second'], [''], [t]);
+    await h.advance(5000);
+    expect(await rowsOf(db, [agent!])).toEqual([`${agent}|key1|second||2026-11-23T00:00:01.000Z`]);
+  });
+});
+
+describe('TestMetadataBatcher_PubsubChunking', () => {
+  it('flushes 499 + 101 adds as a capacity batch of 500 (2 payloads) and a scheduled one of 100 (3 in all)', async () => {
+    const h = await harness();
+    const agents = await db.createAgents(600);
+    const t = at('2026-11-23T00:00:01Z');
+    for (const id of agents.slice(0, 499)) h.batcher.add(id, ['key1'], ['v'], [''], [t]);
+    await h.batcher.idle();
+    expect(h.batcher.currentBatchLen).toBe(499);
+    expect(h.store.calls).toHaveLength(0);
+
+    for (const id of agents.slice(499)) h.batcher.add(id, ['key1'], ['v'], [''], [t]);
+    await h.batcher.idle();
+    expect(h.store.calls).toHaveLength(1);
+    expect(sorted(h.store.calls[0]!.agentIds)).toEqual(sorted(agents.slice(0, 500)));
+    await h.waitForPayloads(2);
+    expect(h.payloads.map((p) => p.length)).toEqual([363, 137]);
+    expect(h.batcher.currentBatchLen).toBe(100);
+    expect(await h.metric('metabatch_metadata_batches_total', { reason: 'capacity' })).toBe(1);
+    expect(await h.metric('metabatch_metadata_flushed_total')).toBe(500);
+
+    // The capacity flush restarted the timer: nothing at 4999 ms, the rest at 5000.
+    await h.advance(4999);
+    expect(h.store.calls).toHaveLength(1);
+    await h.advance(1);
+    expect(h.store.calls).toHaveLength(2);
+    expect(sorted(h.store.calls[1]!.agentIds)).toEqual(sorted(agents.slice(500)));
+    await h.waitForPayloads(3);
+    expect(h.payloads).toHaveLength(3);
+    expect(sorted(h.payloads.flat())).toEqual(sorted(agents));
+    expect(await h.metric('metabatch_metadata_batches_total', { reason: 'capacity' })).toBe(1);
+    expect(await h.metric('metabatch_metadata_batches_total', { reason: 'scheduled' })).toBe(1);
+    expect(await h.metric('metabatch_metadata_flushed_total')).toBe(600);
+  });
+});
+
+describe('TestMetadataBatcher_ConcurrentAddsToSameAgent', () => {
+  it('keeps the newest of 20 concurrent writers, whatever order they run in', async () => {
+    const h = await harness();
+    const [agent] = await db.createAgents(1, ['key1', 'key2', 'key3']);
+    const initial = Date.parse('2026-11-23T00:00:00Z');
+    const order = Array.from({ length: 20 }, (_, i) => i).sort(() => Math.random() - 0.5);
+    await Promise.all(
+      order.map(async (i) => {
+        await new Promise((resolve) => setImmediate(resolve));
+        const value = `value_from_goroutine_${i}`;
+        const t = new Date(initial + i);
+        h.batcher.add(agent!, ['key1', 'key2', 'key3'], [value, value, value], ['', '', ''], [t, t, t]);
+      }),
+    );
+    await h.batcher.idle();
+    expect(h.batcher.currentBatchLen).toBe(3);
+    await h.advance(5000);
+    expect(h.store.calls).toHaveLength(1);
+    expect(await rowsOf(db, [agent!])).toEqual(
+      ['key1', 'key2', 'key3'].map((k) => `${agent}|${k}|value_from_goroutine_19||2026-11-23T00:00:00.019Z`),
+    );
+    await h.waitForPayloads(1);
+    expect(h.payloads).toHaveLength(1);
+    expect(await h.metric('metabatch_metadata_flushed_total')).toBe(3);
+    expect(await h.metric('metabatch_metadata_batches_total', { reason: 'scheduled' })).toBe(1);
+  });
+});
+
+describe('beyond the original', () => {
+  it('refuses arrays of unequal length and queues nothing', async () => {
+    const h = await harness();
+    const [agent] = await db.createAgents(1);
+    expect(() => h.batcher.add(agent!, ['key1', 'key2'], ['v'], [''], [new Date()])).toThrow(
+      /all inputs must have the same number of items; keys: 2, values: 1, errors: 1, collectedAt: 1/,
+    );
+    await h.batcher.idle();
+    expect(h.batcher.currentBatchLen).toBe(0);
+    expect(h.batcher.channelLength).toBe(0);
+  });
+
+  it('flushes what it holds at close() with reason shutdown, draining the channel first', async () => {
+    const h = await harness({ batchSize: 2 });
+    const agents = await db.createAgents(5);
+    const t = at('2026-11-23T00:00:01Z');
+    let release!: () => void;
+    h.store.gate = new Promise((resolve) => (release = resolve));
+    for (const id of agents.slice(0, 2)) h.batcher.add(id, ['key1'], ['before'], [''], [t]);
+    await vi.waitFor(() => expect(h.store.calls).toHaveLength(1));
+    // Three more wait in the channel while the capacity flush is in flight.
+    for (const id of agents.slice(2)) h.batcher.add(id, ['key1'], ['queued'], [''], [t]);
+    expect(h.batcher.channelLength).toBe(3);
+    const closing = h.batcher.close();
+    expect(h.batcher.close()).toBe(closing);
+    h.store.gate = undefined;
+    release();
+    const result = await closing;
+    expect(result.flushed).toBe(true);
+    expect(h.store.calls).toHaveLength(2);
+    expect(h.store.calls[1]!.keys).toHaveLength(3);
+    expect((await rowsOf(db, agents)).filter((r) => r.includes('|queued|'))).toHaveLength(3);
+    expect(await h.metric('metabatch_metadata_batches_total', { reason: 'shutdown' })).toBe(1);
+    expect(await h.metric('metabatch_metadata_batches_total', { reason: 'capacity' })).toBe(1);
+    await h.waitForPayloads(2);
+    expect(() => h.batcher.add(agents[0]!, ['key1'], ['late'], [''], [t])).toThrow(/shutting down/);
+  });
+
+  it('keeps a batch whose UPDATE failed, merges into it, and retries with growing backoff', async () => {
+    const h = await harness({ backoff: { random: () => 1 } });
+    const [agent] = await db.createAgents(1, ['key1', 'key2']);
+    h.store.failures = 3;
+    h.batcher.add(agent!, ['key1', 'key2'], ['a1', 'a2'], ['', ''], [at('2026-11-23T00:00:01Z'), at('2026-11-23T00:00:01Z')]);
+    await h.advance(5000);
+    expect(h.store.calls).toHaveLength(1);
+    expect(h.publisher.calls).toHaveLength(0);
+    expect(h.batcher.currentBatchLen).toBe(2);
+    expect(h.batcher.databaseUp).toBe(false);
+    expect(await h.metric('metabatch_database_up')).toBe(0);
+    expect(await h.metric('metabatch_metadata_flush_errors_total')).toBe(1);
+    expect(await h.metric('metabatch_metadata_batches_total', { reason: 'scheduled' })).toBe(0);
+    expect(await h.metric('metabatch_metadata_flushed_total')).toBe(0);
+
+    // A newer value for a held key merges; memory grows with keys, not reports.
+    h.batcher.add(agent!, ['key1'], ['b1'], [''], [at('2026-11-23T00:00:02Z')]);
+    await h.batcher.idle();
+    expect(h.batcher.currentBatchLen).toBe(2);
+
+    // Retries at 100, 200, 400 ms (random() = 1: the full delay).
+    await h.advance(99);
+    expect(h.store.calls).toHaveLength(1);
+    await h.advance(1);
+    expect(h.store.calls).toHaveLength(2);
+    await h.advance(199);
+    expect(h.store.calls).toHaveLength(2);
+    await h.advance(1);
+    expect(h.store.calls).toHaveLength(3);
+    await h.advance(400);
+    expect(h.store.calls).toHaveLength(4);
+    expect(h.batcher.databaseUp).toBe(true);
+    expect(await h.metric('metabatch_metadata_flush_errors_total')).toBe(3);
+    expect(await h.metric('metabatch_metadata_batches_total', { reason: 'scheduled' })).toBe(1);
+    expect(await rowsOf(db, [agent!])).toEqual([
+      `${agent}|key1|b1||2026-11-23T00:00:02.000Z`,
+      `${agent}|key2|a2||2026-11-23T00:00:01.000Z`,
+    ]);
+    await h.waitForPayloads(1);
+    expect(h.payloads).toEqual([[agent]]);
+
+    // The first success reset the backoff: the next failure waits 100 ms again.
+    h.store.failures = 1;
+    h.batcher.add(agent!, ['key2'], ['c2'], [''], [at('2026-11-23T00:00:03Z')]);
+    await h.advance(5000);
+    expect(h.store.calls).toHaveLength(5);
+    await h.advance(100);
+    expect(h.store.calls).toHaveLength(6);
+    expect(h.batcher.databaseUp).toBe(true);
+  });
+
+  it('counts a failed NOTIFY, still counts the batch, and announces it again later', async () => {
+    const h = await harness({ backoff: { random: () => 1 } });
+    const [agent] = await db.createAgents(1);
+    h.publisher.failures = 1;
+    h.batcher.add(agent!, ['key1'], ['v'], [''], [at('2026-11-23T00:00:01Z')]);
+    await h.advance(5000);
+    expect(h.publisher.calls).toHaveLength(1);
+    expect(await h.metric('metabatch_metadata_publish_errors_total')).toBe(1);
+    expect(await h.metric('metabatch_metadata_batches_total', { reason: 'scheduled' })).toBe(1);
+    expect(await h.metric('metabatch_metadata_flushed_total')).toBe(1);
+    expect(await rowsOf(db, [agent!])).toEqual([`${agent}|key1|v||2026-11-23T00:00:01.000Z`]);
+    expect(h.payloads).toHaveLength(0);
+    await h.advance(100);
+    expect(h.publisher.calls).toHaveLength(2);
+    await h.waitForPayloads(1);
+    expect(h.payloads).toEqual([[agent]]);
+    // The retry carried no new batch.
+    expect(h.store.calls).toHaveLength(1);
+    expect(await h.metric('metabatch_metadata_flushed_total')).toBe(1);
+  });
+
+  it('never moves a row back in time, and announces only agents whose rows changed', async () => {
+    const h = await harness();
+    const [fresh, stale, undeclared] = await db.createAgents(3);
+    await db.pool.query(
+      `UPDATE workspace_agent_metadata SET value = 'newer', collected_at = '2026-11-23T00:00:10Z' WHERE workspace_agent_id = $1`,
+      [stale],
+    );
+    const t = at('2026-11-23T00:00:05Z');
+    h.batcher.add(fresh!, ['key1'], ['v'], [''], [t]);
+    h.batcher.add(stale!, ['key1'], ['older'], [''], [t]);
+    h.batcher.add(undeclared!, ['nokey'], ['v'], [''], [t]);
+    await h.advance(5000);
+    expect(await rowsOf(db, [stale!])).toEqual([`${stale}|key1|newer||2026-11-23T00:00:10.000Z`]);
+    expect(await rowsOf(db, [fresh!])).toEqual([`${fresh}|key1|v||2026-11-23T00:00:05.000Z`]);
+    expect(await h.metric('metabatch_metadata_stale_keys_total')).toBe(1);
+    expect(await h.metric('metabatch_metadata_undeclared_keys_total')).toBe(1);
+    expect(await h.metric('metabatch_metadata_flushed_total')).toBe(3);
+    await h.waitForPayloads(1);
+    expect(h.payloads).toEqual([[fresh]]);
+  });
+
+  it('refuses new keys once MAX_HELD_KEYS are held while the database fails; held keys still merge', async () => {
+    const h = await harness({ batchSize: 2, maxHeldKeys: 4, backoff: { random: () => 1 } });
+    const agents = await db.createAgents(6);
+    const t = at('2026-11-23T00:00:01Z');
+    h.store.failures = 100;
+    for (const id of agents.slice(0, 4)) expect(h.batcher.add(id, ['key1'], ['v'], [''], [t]).dropped).toBe(0);
+    await h.batcher.idle();
+    expect(h.batcher.currentBatchLen).toBe(4);
+    expect(h.batcher.databaseUp).toBe(false);
+    expect(h.batcher.add(agents[4]!, ['key1'], ['v'], [''], [t])).toEqual({ accepted: 0, dropped: 1 });
+    expect(h.batcher.retryAfterSeconds).toBeGreaterThanOrEqual(1);
+    expect(await h.metric('metabatch_metadata_held_limit_refused_keys_total')).toBe(1);
+    expect(h.batcher.add(agents[0]!, ['key1'], ['newer'], [''], [at('2026-11-23T00:00:02Z')])).toEqual({ accepted: 1, dropped: 0 });
+    await h.batcher.idle();
+    expect(h.batcher.currentBatchLen).toBe(4);
+    h.store.failures = 0;
+    await h.advance(30_000);
+    expect(h.batcher.databaseUp).toBe(true);
+    expect(await rowsOf(db, [agents[0]!])).toEqual([`${agents[0]}|key1|newer||2026-11-23T00:00:02.000Z`]);
+  });
+
+  it('gives up the final flush at FINAL_FLUSH_TIMEOUT_MS and hands back what it holds', async () => {
+    const h = await harness({ finalFlushTimeoutMs: 15_000 });
+    const [agent] = await db.createAgents(1);
+    h.store.failures = 1_000_000;
+    h.batcher.add(agent!, ['key1'], ['v'], [''], [at('2026-11-23T00:00:01Z')]);
+    await h.batcher.idle();
+    let settled = false;
+    const closing = h.batcher.close().finally(() => (settled = true));
+    await h.clock.tickAsync(14_000);
+    expect(settled).toBe(false);
+    await h.clock.tickAsync(1_000);
+    const result = await closing;
+    expect(result.flushed).toBe(false);
+    expect(result.held.agentIds).toEqual([agent]);
+    expect(result.held.values).toEqual(['v']);
+    expect(h.store.calls.length).toBeGreaterThan(3);
+  });
+});
