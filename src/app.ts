@@ -60,7 +60,11 @@ export function buildApp(deps: AppDependencies): FastifyInstance {
     return503OnClosing: true,
     // Our own onResponse hook logs requests, without bodies or tokens.
     logController: new LogController({ disableRequestLogging: true }),
+    // Types are checked, not coerced: a number where a string belongs is a 400.
+    ajv: { customOptions: { coerceTypes: false } },
   });
+  // JSON only: anything else is a 415.
+  app.removeContentTypeParser('text/plain');
   app.decorateRequest('caller', undefined);
 
   // 413 from Content-Length before the body is read, so the client sees the

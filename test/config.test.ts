@@ -1,0 +1,53 @@
+import { describe, expect, it } from 'vitest';
+import { loadConfig } from '../src/config.js';
+import { CLI, run } from './support/process.js';
+
+describe('configuration', () => {
+  it('has the contract’s defaults', () => {
+    expect(loadConfig({})).toEqual({
+      databaseUrl: undefined,
+      dataDir: '.metabatch',
+      host: '127.0.0.1',
+      port: 8080,
+      batchSize: 500,
+      flushIntervalMs: 5000,
+      channelMultiplier: 5,
+      finalFlushTimeoutMs: 15000,
+      maxHeldKeys: 5000,
+      notifyChannel: 'workspace_agent_metadata_batch',
+      adminToken: undefined,
+      logLevel: 'info',
+    });
+  });
+
+  it.each([
+    ['BATCH_SIZE', 'abc', 'BATCH_SIZE must be a whole number from 1 to 100000 (got "abc")'],
+    ['BATCH_SIZE', '0', 'BATCH_SIZE must be a whole number from 1 to 100000 (got "0")'],
+    ['BATCH_SIZE', '1.5', 'BATCH_SIZE must be a whole number from 1 to 100000 (got "1.5")'],
+    ['FLUSH_INTERVAL_MS', '-1', 'FLUSH_INTERVAL_MS must be a whole number from 1 to 3600000 (got "-1")'],
+    ['PORT', '70000', 'PORT must be a whole number from 0 to 65535 (got "70000")'],
+    ['CHANNEL_MULTIPLIER', '1e3', 'CHANNEL_MULTIPLIER must be a whole number from 1 to 1000 (got "1e3")'],
+    ['FINAL_FLUSH_TIMEOUT_MS', 'soon', 'FINAL_FLUSH_TIMEOUT_MS must be a whole number from 1 to 3600000 (got "soon")'],
+    ['NOTIFY_CHANNEL', 'Bad-Name', 'NOTIFY_CHANNEL must be 1-63 characters of a-z, 0-9 and _, not starting with a digit'],
+    ['LOG_LEVEL', 'loud', 'LOG_LEVEL must be one of fatal, error, warn, info, debug, trace, silent (got "loud")'],
+    ['DATABASE_URL', 'mysql://x', 'DATABASE_URL must be a postgres:// or postgresql:// URL'],
+    ['ADMIN_TOKEN', 'short', 'ADMIN_TOKEN must be at least 16 characters'],
+  ])('refuses %s=%s with one line naming it', (name, value, message) => {
+    expect(() => loadConfig({ [name]: value })).toThrow(message);
+  });
+
+  it('refuses MAX_HELD_KEYS below BATCH_SIZE', () => {
+    expect(() => loadConfig({ BATCH_SIZE: '100', MAX_HELD_KEYS: '50' })).toThrow('MAX_HELD_KEYS must be a whole number from 100 to 100000000 (got "50")');
+  });
+
+  it.each([
+    ['BATCH_SIZE', 'abc', 'metabatch: BATCH_SIZE must be a whole number from 1 to 100000 (got "abc")\n'],
+    ['FLUSH_INTERVAL_MS', '-1', 'metabatch: FLUSH_INTERVAL_MS must be a whole number from 1 to 3600000 (got "-1")\n'],
+  ])('the CLI with %s=%s exits non-zero with that one line', async (name, value, line) => {
+    const cli = run('node', [CLI, 'serve'], { [name]: value });
+    const { code } = await cli.exited;
+    expect(code).toBe(2);
+    expect(cli.stderr()).toBe(line);
+    expect(cli.stdout()).toBe('');
+  });
+});

@@ -1,0 +1,425 @@
+// The HTTP API as a client sees it: every status code of DESIGN.md, and the
+// original's input rules (reference section 5.3), against a real Postgres.
+
+import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from 'vitest';
+import { createTestDatabase, type TestDatabase } from './support/db.js';
+import { ADMIN_TOKEN, createAppHarness, type AppHarness } from './support/app.js';
+import { BODY_LIMIT_BYTES } from '../src/app.js';
+
+let db: TestDatabase;
+const open: AppHarness[] = [];
+
+beforeAll(async () => {
+  db = await createTestDatabase();
+});
+afterAll(async () => {
+  await db.drop();
+});
+afterEach(async () => {
+  await Promise.all(open.splice(0).map((h) => h.close()));
+});
+
+async function appHarness(options: Parameters<typeof createAppHarness>[1] = {}): Promise<AppHarness> {
+  const h = await createAppHarness(db, options);
+  open.push(h);
+  return h;
+}
+
+async function stored(h: AppHarness, agentId: string): Promise<Record<string, { value: string; error: string; collected_at: string }>> {
+  const res = await h.app.inject({ url: `/v1/agents/${agentId}/metadata`, headers: { authorization: `Bearer ${ADMIN_TOKEN}` } });
+  expect(res.statusCode).toBe(200);
+  return Object.fromEntries(res.json<{ key: string; value: string; error: string; collected_at: string }[]>().map((r) => [r.key, r]));
+}
+
+describe('POST /v1/agents/{id}/metadata', () => {
+  it('answers 202 with the counts, and the values reach the table at the next flush', async () => {
+    const h = await appHarness();
+    const { id, token } = await h.agent(['cpu', 'mem']);
+    const res = await h.post(id, token, {
+      metadata: [
+        { key: 'cpu', value: '12%', error: '', collected_at: '2026-11-22T23:59:00Z' },
+        { key: 'mem', value: '1G' },
+      ],
+    });
+    expect(res.statusCode).toBe(202);
+    expect(res.json()).toEqual({ accepted: 2, dropped: 0 });
+    await h.advance(5000);
+    const rows = await stored(h, id);
+    expect(rows.cpu).toMatchObject({ value: '12%', error: '', collected_at: '2026-11-22T23:59:00.000Z' });
+    // No collected_at: the server's time (the fake clock is not the request clock).
+    expect(Date.now() - Date.parse(rows.mem!.collected_at)).toBeLessThan(60_000);
+    await h.waitForPayloads(1);
+    expect(h.payloads).toEqual([[id]]);
+  });
+
+  it('clamps a collected_at in the future to server time', async () => {
+    const h = await appHarness();
+    const { id, token } = await h.agent(['cpu']);
+    const before = Date.now();
+    expect((await h.post(id, token, { metadata: [{ key: 'cpu', value: 'x', collected_at: '2099-01-01T00:00:00Z' }] })).statusCode).toBe(202);
+    await h.advance(5000);
+    const at = Date.parse((await stored(h, id)).cpu!.collected_at);
+    expect(at).toBeGreaterThanOrEqual(before);
+    expect(at).toBeLessThanOrEqual(Date.now());
+  });
+
+  it('answers 401 without a token or with a wrong one, 403 with another agent’s token, and applies nothing', async () => {
+    const h = await appHarness();
+    const a = await h.agent(['cpu']);
+    const b = await h.agent(['cpu']);
+    const body = { metadata: [{ key: 'cpu', value: 'stolen' }] };
+    const missing = await h.post(a.id, undefined, body);
+    expect(missing.statusCode).toBe(401);
+    expect(missing.json().error).toMatch(/missing agent token/);
+    const wrong = await h.post(a.id, 'mbt_not-a-real-token', body);
+    expect(wrong.statusCode).toBe(401);
+    expect(wrong.json()).toEqual({ error: 'invalid agent token' });
+    const other = await h.post(a.id, b.token, body);
+    expect(other.statusCode).toBe(403);
+    expect(other.json()).toEqual({ error: 'this token belongs to another agent' });
+    const admin = await h.post(a.id, ADMIN_TOKEN, body);
+    expect(admin.statusCode).toBe(401);
+    await h.advance(5000);
+    expect(h.store.calls).toHaveLength(0);
+    expect((await stored(h, a.id)).cpu!.value).toBe('');
+  });
+
+  it.each([
+    ['malformed JSON', '{"metadata": [', /JSON/],
+    ['an empty body', '', /empty/i],
+    ['no metadata', { other: 1 }, /must have required property 'metadata'/],
+    ['metadata not an array', { metadata: 'cpu=1' }, /metadata must be array/],
+    ['a value that is not a string', { metadata: [{ key: 'cpu', value: 12 }] }, /value must be string/],
+    ['an empty key', { metadata: [{ key: '', value: 'x' }] }, /key must NOT have fewer than 1 characters/],
+    ['a key of 128 characters', { metadata: [{ key: 'k'.repeat(128), value: 'x' }] }, /key must NOT have more than 127 characters/],
+    ['a bad collected_at', { metadata: [{ key: 'cpu', collected_at: 'yesterday' }] }, /collected_at must be an RFC 3339 timestamp/],
+    ['a NUL in a value', { metadata: [{ key: 'cpu', value: 'a\u0000b' }] }, /NUL/],
+    ['too many items', { metadata: Array.from({ length: 6145 }, () => ({ key: 'k' })) }, /must NOT have more than 6144 items/],
+  ])('answers 400 with a message for %s', async (_name, body, message) => {
+    const h = await appHarness();
+    const { id, token } = await h.agent(['cpu']);
+    const res = await h.app.inject({
+      method: 'POST',
+      url: `/v1/agents/${id}/metadata`,
+      headers: { authorization: `Bearer ${token}`, 'content-type': 'application/json' },
+      payload: typeof body === 'string' ? body : JSON.stringify(body),
+    });
+    expect(res.statusCode).toBe(400);
+    expect(res.json().error).toMatch(message);
+    await h.advance(5000);
+    expect(h.store.calls).toHaveLength(0);
+  });
+
+  it('answers 400 for an agent id that is not a UUID', async () => {
+    const h = await appHarness();
+    const res = await h.post('not-a-uuid', 'x', { metadata: [] });
+    expect(res.statusCode).toBe(400);
+    expect(res.json().error).toMatch(/agentId must be a UUID/);
+  });
+
+  it('answers 415 for a body that is not JSON', async () => {
+    const h = await appHarness();
+    const { id, token } = await h.agent(['cpu']);
+    const res = await h.app.inject({
+      method: 'POST',
+      url: `/v1/agents/${id}/metadata`,
+      headers: { authorization: `Bearer ${token}`, 'content-type': 'text/plain' },
+      payload: 'cpu=12%',
+    });
+    expect(res.statusCode).toBe(415);
+    expect(res.json().error).toMatch(/Unsupported Media Type/i);
+  });
+
+  it('answers 413 from Content-Length before reading the body', async () => {
+    const h = await appHarness();
+    const { id, token } = await h.agent(['cpu']);
+    const big = JSON.stringify({ metadata: [{ key: 'cpu', value: 'x'.repeat(BODY_LIMIT_BYTES) }] });
+    const res = await h.app.inject({
+      method: 'POST',
+      url: `/v1/agents/${id}/metadata`,
+      headers: { authorization: `Bearer ${token}`, 'content-type': 'application/json' },
+      payload: big,
+    });
+    expect(res.statusCode).toBe(413);
+    expect(res.json().error).toMatch(/exceeds the limit of 1048576 bytes/);
+  });
+
+  it('answers 429 with Retry-After and the counts when the channel is full', async () => {
+    // Batch of 1, channel of 1: a blocked flush leaves room for one update.
+    const h = await appHarness({ batcher: { batchSize: 1, channelMultiplier: 1 } });
+    const { id, token } = await h.agent(['cpu', 'mem', 'disk']);
+    let release!: () => void;
+    h.store.gate = new Promise((resolve) => (release = resolve));
+    expect((await h.post(id, token, { metadata: [{ key: 'cpu', value: '1' }] })).statusCode).toBe(202);
+    await vi.waitFor(() => expect(h.store.calls).toHaveLength(1));
+    const res = await h.post(id, token, { metadata: [{ key: 'mem', value: '2' }, { key: 'disk', value: '3' }] });
+    expect(res.statusCode).toBe(429);
+    expect(res.json()).toEqual({ accepted: 1, dropped: 1 });
+    expect(Number(res.headers['retry-after'])).toBeGreaterThanOrEqual(1);
+    h.store.gate = undefined;
+    release();
+    await h.batcher.idle();
+    const rows = await stored(h, id);
+    expect([rows.cpu!.value, rows.mem!.value, rows.disk!.value]).toEqual(['1', '2', '']);
+    expect(await h.metric('metabatch_metadata_dropped_keys_total')).toBe(1);
+  });
+
+  describe('the original’s input rules', () => {
+    it('ExceededLength: keeps 2048-byte values and errors, cuts longer ones with the original’s messages', async () => {
+      const h = await appHarness();
+      const { id, token } = await h.agent(['v2048', 'v2049', 'e2048', 'e2049', 'both']);
+      const res = await h.post(id, token, {
+        metadata: [
+          { key: 'v2048', value: 'a'.repeat(2048) },
+          { key: 'v2049', value: 'a'.repeat(2049) },
+          { key: 'e2048', error: 'a'.repeat(2048) },
+          { key: 'e2049', error: 'a'.repeat(2049) },
+          { key: 'both', value: 'b'.repeat(3000), error: 'e'.repeat(2100) },
+        ],
+      });
+      expect(res.statusCode).toBe(202);
+      await h.advance(5000);
+      const rows = await stored(h, id);
+      expect(rows.v2048).toMatchObject({ value: 'a'.repeat(2048), error: '' });
+      expect(rows.v2049).toMatchObject({ value: 'a'.repeat(2048), error: 'value of 2049 bytes exceeded 2048 bytes' });
+      expect(rows.e2048).toMatchObject({ value: '', error: 'a'.repeat(2048) });
+      expect(rows.e2049).toMatchObject({ value: '', error: 'error of 2049 bytes exceeded 2048 bytes' });
+      // Both too long: the error's message wins, as it is assigned last.
+      expect(rows.both).toMatchObject({ value: 'b'.repeat(2048), error: 'error of 2100 bytes exceeded 2048 bytes' });
+      expect(await h.metric('metabatch_metadata_flushed_total')).toBe(5);
+    });
+
+    it('never cuts a value inside a UTF-8 character', async () => {
+      const h = await appHarness();
+      const { id, token } = await h.agent(['utf8']);
+      // 'é' is 2 bytes, '€' 3: 1 + 682 * 3 = 2047 bytes, then 'é' would end at 2049.
+      const value = 'x' + '€'.repeat(682) + 'é' + 'tail';
+      expect((await h.post(id, token, { metadata: [{ key: 'utf8', value }] })).statusCode).toBe(202);
+      await h.advance(5000);
+      const row = (await stored(h, id)).utf8!;
+      expect(row.value).toBe('x' + '€'.repeat(682));
+      expect(Buffer.byteLength(row.value)).toBe(2047);
+      expect(row.error).toBe(`value of ${Buffer.byteLength(value)} bytes exceeded 2048 bytes`);
+    });
+
+    it('KeysTooLong: accepts exactly 6144 key bytes, refuses 6145 with the original’s message and applies nothing', async () => {
+      const h = await appHarness();
+      // The original's keys ("key 1", "key 2", "key 3 " + 6128 × a) are refused
+      // sooner here: a key is at most 127 characters (the column's limit).
+      const { id, token } = await h.agent(['key 1', 'key 2', 'a']);
+      const original = await h.post(id, token, {
+        metadata: [{ key: 'key 1' }, { key: 'key 2' }, { key: 'key 3 ' + 'a'.repeat(6128) }, { key: 'a' }],
+      });
+      expect(original.statusCode).toBe(400);
+      expect(original.json().error).toMatch(/key must NOT have more than 127 characters/);
+      // 48 keys of 128 bytes (2 + 63 two-byte characters) make exactly 6144 bytes.
+      const keys = Array.from({ length: 48 }, (_, i) => `${String(i).padStart(2, '0')}${'é'.repeat(63)}`);
+      const agent = await h.agent([...keys, 'a']);
+      const at6144 = await h.post(agent.id, agent.token, { metadata: keys.map((key) => ({ key, value: 'v' })) });
+      expect(at6144.statusCode).toBe(202);
+      expect(at6144.json()).toEqual({ accepted: 48, dropped: 0 });
+      const over = await h.post(agent.id, agent.token, { metadata: [...keys, 'a'].map((key) => ({ key, value: 'w' })) });
+      expect(over.statusCode).toBe(400);
+      expect(over.json()).toEqual({ error: 'metadata keys of 6145 bytes exceeded 6144 bytes' });
+      await h.advance(5000);
+      const rows = Object.values(await stored(h, agent.id));
+      expect(rows.filter((r) => r.value === 'w')).toHaveLength(0);
+      expect(rows.filter((r) => r.value === 'v')).toHaveLength(48);
+      expect(await h.metric('metabatch_metadata_flushed_total')).toBe(48);
+    });
+
+    it('TrimWhitespace: trims spaces, tabs and newlines at the ends of value and error, keeps inner ones', async () => {
+      const h = await appHarness();
+      const { id, token } = await h.agent(['cpu']);
+      await h.post(id, token, { metadata: [{ key: 'cpu', value: ' \t 12 %\n\n', error: '\n oops  here \t' }] });
+      await h.advance(5000);
+      expect((await stored(h, id)).cpu).toMatchObject({ value: '12 %', error: 'oops  here' });
+    });
+
+    it('ignores and counts keys the agent never declared', async () => {
+      const h = await appHarness();
+      const { id, token } = await h.agent(['cpu']);
+      const res = await h.post(id, token, { metadata: [{ key: 'cpu', value: '1' }, { key: 'undeclared', value: '2' }] });
+      expect(res.json()).toEqual({ accepted: 2, dropped: 0 });
+      await h.advance(5000);
+      expect(Object.keys(await stored(h, id))).toEqual(['cpu']);
+      expect(await h.metric('metabatch_metadata_undeclared_keys_total')).toBe(1);
+    });
+  });
+});
+
+describe('admin API', () => {
+  it('answers 403 on every admin route when ADMIN_TOKEN is unset', async () => {
+    const h = await appHarness({ adminToken: null });
+    for (const [method, url] of [
+      ['POST', '/v1/agents'],
+      ['PUT', '/v1/agents/123e4567-e89b-12d3-a456-426614174000/metadata-definitions'],
+    ] as const) {
+      const res = await h.app.inject({ method, url, headers: { authorization: 'Bearer anything' }, payload: {} });
+      expect(res.statusCode).toBe(403);
+      expect(res.json()).toEqual({ error: 'admin API disabled: set ADMIN_TOKEN' });
+    }
+  });
+
+  it('creates an agent with a token shown once and stored only as a hash', async () => {
+    const h = await appHarness();
+    const res = await h.app.inject({
+      method: 'POST',
+      url: '/v1/agents',
+      headers: { authorization: `Bearer ${ADMIN_TOKEN}` },
+      payload: { name: 'web-1' },
+    });
+    expect(res.statusCode).toBe(201);
+    const agent = res.json<{ id: string; name: string; token: string }>();
+    expect(Object.keys(agent).sort()).toEqual(['id', 'name', 'token']);
+    expect(agent.name).toBe('web-1');
+    const { rows } = await db.pool.query(`SELECT * FROM workspace_agents WHERE id = $1`, [agent.id]);
+    expect(JSON.stringify(rows)).not.toContain(agent.token);
+    expect(rows[0].token_hash).toHaveLength(32);
+  });
+
+  it('answers 401 for a missing or wrong admin token and 400 for a bad body', async () => {
+    const h = await appHarness();
+    expect((await h.app.inject({ method: 'POST', url: '/v1/agents', payload: { name: 'x' } })).statusCode).toBe(401);
+    const wrong = await h.app.inject({ method: 'POST', url: '/v1/agents', headers: { authorization: 'Bearer nope' }, payload: { name: 'x' } });
+    expect(wrong.statusCode).toBe(401);
+    expect(wrong.json()).toEqual({ error: 'invalid admin token' });
+    const bad = await h.app.inject({
+      method: 'POST',
+      url: '/v1/agents',
+      headers: { authorization: `Bearer ${ADMIN_TOKEN}` },
+      payload: { name: '' },
+    });
+    expect(bad.statusCode).toBe(400);
+    expect(bad.json().error).toMatch(/name must NOT have fewer than 1 characters/);
+  });
+
+  it('declares keys: new ones get rows, kept ones keep their values, dropped ones go', async () => {
+    const h = await appHarness();
+    const { id, token } = await h.agent(['cpu', 'mem']);
+    await h.post(id, token, { metadata: [{ key: 'cpu', value: '12%' }, { key: 'mem', value: '1G' }] });
+    await h.advance(5000);
+    const res = await h.app.inject({
+      method: 'PUT',
+      url: `/v1/agents/${id}/metadata-definitions`,
+      headers: { authorization: `Bearer ${ADMIN_TOKEN}` },
+      payload: { definitions: [{ key: 'cpu', display_name: 'CPU', interval: 10, timeout: 5, display_order: 1 }, { key: 'disk' }] },
+    });
+    expect(res.statusCode).toBe(200);
+    expect(res.json()).toEqual({
+      definitions: [
+        { key: 'disk', display_name: 'disk', script: '', interval: 0, timeout: 0, display_order: 0 },
+        { key: 'cpu', display_name: 'CPU', script: '', interval: 10, timeout: 5, display_order: 1 },
+      ],
+    });
+    const rows = await stored(h, id);
+    expect(Object.keys(rows)).toEqual(['disk', 'cpu']);
+    expect(rows.cpu!.value).toBe('12%');
+  });
+
+  it('answers 404 for an unknown agent and 400 for a key declared twice', async () => {
+    const h = await appHarness();
+    const headers = { authorization: `Bearer ${ADMIN_TOKEN}` };
+    const unknown = await h.app.inject({
+      method: 'PUT',
+      url: '/v1/agents/123e4567-e89b-12d3-a456-426614174000/metadata-definitions',
+      headers,
+      payload: { definitions: [{ key: 'cpu' }] },
+    });
+    expect(unknown.statusCode).toBe(404);
+    expect(unknown.json().error).toMatch(/not found/);
+    const { id } = await h.agent([]);
+    const twice = await h.app.inject({
+      method: 'PUT',
+      url: `/v1/agents/${id}/metadata-definitions`,
+      headers,
+      payload: { definitions: [{ key: 'cpu' }, { key: 'cpu' }] },
+    });
+    expect(twice.statusCode).toBe(400);
+    expect(twice.json()).toEqual({ error: 'key "cpu" is declared twice' });
+  });
+});
+
+describe('GET /v1/agents/{id}/metadata', () => {
+  it('lists rows by display_order then key, with age in seconds, for the admin or the agent itself', async () => {
+    const h = await appHarness();
+    const { id, token } = await h.agent([]);
+    await h.app.inject({
+      method: 'PUT',
+      url: `/v1/agents/${id}/metadata-definitions`,
+      headers: { authorization: `Bearer ${ADMIN_TOKEN}` },
+      payload: { definitions: [{ key: 'b', display_order: 1 }, { key: 'z', display_order: 0 }, { key: 'a', display_order: 1 }] },
+    });
+    const collected = new Date(Date.now() - 10_000).toISOString();
+    await h.post(id, token, { metadata: [{ key: 'a', value: '1', collected_at: collected }] });
+    await h.advance(5000);
+    for (const auth of [ADMIN_TOKEN, token]) {
+      const res = await h.app.inject({ url: `/v1/agents/${id}/metadata`, headers: { authorization: `Bearer ${auth}` } });
+      expect(res.statusCode).toBe(200);
+      const rows = res.json<{ key: string; age: number; value: string }[]>();
+      expect(rows.map((r) => r.key)).toEqual(['z', 'a', 'b']);
+      expect(rows[1]!.value).toBe('1');
+      expect(rows[1]!.age).toBeGreaterThanOrEqual(10);
+      expect(rows[1]!.age).toBeLessThan(20);
+      expect(typeof rows[0]!.age).toBe('number');
+    }
+  });
+
+  it('answers 404 for an unknown agent, 403 for another agent’s token, 401 without a token', async () => {
+    const h = await appHarness();
+    const a = await h.agent(['cpu']);
+    const b = await h.agent(['cpu']);
+    const unknown = await h.app.inject({
+      url: '/v1/agents/123e4567-e89b-12d3-a456-426614174000/metadata',
+      headers: { authorization: `Bearer ${ADMIN_TOKEN}` },
+    });
+    expect(unknown.statusCode).toBe(404);
+    expect((await h.app.inject({ url: `/v1/agents/${a.id}/metadata`, headers: { authorization: `Bearer ${b.token}` } })).statusCode).toBe(403);
+    expect((await h.app.inject({ url: `/v1/agents/${a.id}/metadata` })).statusCode).toBe(401);
+  });
+});
+
+describe('health and metrics', () => {
+  it('answers /healthz, /readyz (503 while shutting down or while flushes fail) and /metrics', async () => {
+    const h = await appHarness();
+    expect((await h.app.inject({ url: '/healthz' })).json()).toEqual({ status: 'ok' });
+    expect((await h.app.inject({ url: '/readyz' })).statusCode).toBe(200);
+    const metrics = await h.app.inject({ url: '/metrics' });
+    expect(metrics.headers['content-type']).toMatch(/text\/plain/);
+    for (const name of [
+      'metabatch_metadata_batch_utilization',
+      'metabatch_metadata_batch_size',
+      'metabatch_metadata_flush_duration_seconds',
+      'metabatch_metadata_batches_total',
+      'metabatch_metadata_dropped_keys_total',
+      'metabatch_metadata_flushed_total',
+      'metabatch_metadata_publish_errors_total',
+      'metabatch_metadata_flush_errors_total',
+      'metabatch_metadata_undeclared_keys_total',
+      'metabatch_metadata_channel_depth',
+    ]) {
+      expect(metrics.body).toContain(`# TYPE ${name}`);
+    }
+    expect(metrics.body).toContain('metabatch_metadata_channel_capacity 2500');
+
+    const { id, token } = await h.agent(['cpu']);
+    h.store.failures = 1;
+    await h.post(id, token, { metadata: [{ key: 'cpu', value: '1' }] });
+    await h.advance(5000);
+    const degraded = await h.app.inject({ url: '/readyz' });
+    expect(degraded.statusCode).toBe(503);
+    expect(degraded.json().error).toMatch(/database writes are failing/);
+    await h.advance(100);
+    expect((await h.app.inject({ url: '/readyz' })).statusCode).toBe(200);
+
+    h.health.shuttingDown = true;
+    expect((await h.app.inject({ url: '/readyz' })).statusCode).toBe(503);
+  });
+
+  it('answers unknown routes with 404 and a JSON error', async () => {
+    const h = await appHarness();
+    const res = await h.app.inject({ url: '/nope' });
+    expect(res.statusCode).toBe(404);
+    expect(res.json()).toEqual({ error: 'no route for GET /nope' });
+  });
+});
