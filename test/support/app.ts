@@ -1,7 +1,7 @@
 // The real Fastify app over a real store and batcher (fake clock), driven
 // with app.inject.
 
-import type { FastifyInstance } from 'fastify';
+import type { FastifyInstance, LightMyRequestResponse } from 'fastify';
 import { buildApp } from '../../src/app.js';
 import { AgentAuthenticator } from '../../src/auth.js';
 import type { Health } from '../../src/routes/health.js';
@@ -20,7 +20,7 @@ export interface AppHarness extends Harness {
   hub: WatchHub;
   /** Creates an agent through the API with these keys declared; returns its id and token. */
   agent(keys?: string[]): Promise<{ id: string; token: string }>;
-  post(agentId: string, token: string | undefined, body: unknown): ReturnType<FastifyInstance['inject']>;
+  post(agentId: string, token: string | undefined, body: unknown): Promise<LightMyRequestResponse>;
 }
 
 export async function createAppHarness(
