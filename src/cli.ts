@@ -8,7 +8,7 @@ import { ConfigError, loadConfig } from './config.js';
 import { createPool, migrate } from './database.js';
 import { EmbeddedPostgres } from './embedded.js';
 import { createLogger, type Logger } from './logger.js';
-import { startService } from './main.js';
+import { startService, type Service } from './main.js';
 import { subscribe } from './client.js';
 import { MetadataStore } from './store.js';
 import { toView } from './watch.js';
@@ -78,39 +78,48 @@ async function withDatabase(config: Config, log: Logger, work: (url: string) => 
 }
 
 async function serve(config: Config, log: Logger): Promise<number> {
-  const service = await startService(config, log);
-  return new Promise<number>((resolve) => {
-    let firstSignalAt: number | undefined;
-    const onSignal = (signal: NodeJS.Signals) => {
-      const now = Date.now();
-      if (firstSignalAt === undefined) {
-        firstSignalAt = now;
-        log.info({ signal }, 'signal received: shutting down gracefully (send it again to exit at once)');
-        service.stop().then(
-          (result) => resolve(result.flushed ? 0 : 1),
-          (err: unknown) => {
-            log.error({ err }, 'shutdown failed');
-            resolve(1);
-          },
-        );
-        return;
-      }
-      // npm and the process group can deliver one Ctrl-C twice within a millisecond.
-      if (now - firstSignalAt <= 1000) return;
-      log.warn({ signal }, 'second signal: exiting at once');
-      service.abort().then(
-        () => resolve(1),
-        () => resolve(1),
-      );
-    };
-    process.on('SIGTERM', onSignal);
-    process.on('SIGINT', onSignal);
-    process.on('unhandledRejection', (err) => log.error({ err }, 'unhandled rejection (kept running)'));
-    process.on('uncaughtException', (err) => {
-      log.fatal({ err }, 'uncaught exception: shutting down');
-      onSignal('SIGTERM');
-    });
+  // Signals are handled from the first moment: one that arrives during
+  // start-up stops the service as soon as it is up (and its Postgres with it).
+  let firstSignalAt: number | undefined;
+  let resolveExit!: (code: number) => void;
+  const exit = new Promise<number>((resolve) => (resolveExit = resolve));
+  let service: Service | undefined;
+  const stop = () => {
+    service!.stop().then(
+      (result) => resolveExit(result.flushed ? 0 : 1),
+      (err: unknown) => {
+        log.error({ err }, 'shutdown failed');
+        resolveExit(1);
+      },
+    );
+  };
+  const onSignal = (signal: NodeJS.Signals) => {
+    const now = Date.now();
+    if (firstSignalAt === undefined) {
+      firstSignalAt = now;
+      log.info({ signal }, 'signal received: shutting down gracefully (send it again to exit at once)');
+      if (service) stop();
+      return;
+    }
+    // npm and the process group can deliver one Ctrl-C twice within a millisecond.
+    if (now - firstSignalAt <= 1000) return;
+    log.warn({ signal }, 'second signal: exiting at once');
+    if (!service) return resolveExit(1);
+    service.abort().then(
+      () => resolveExit(1),
+      () => resolveExit(1),
+    );
+  };
+  process.on('SIGTERM', onSignal);
+  process.on('SIGINT', onSignal);
+  process.on('unhandledRejection', (err) => log.error({ err }, 'unhandled rejection (kept running)'));
+  process.on('uncaughtException', (err) => {
+    log.fatal({ err }, 'uncaught exception: shutting down');
+    onSignal('SIGTERM');
   });
+  service = await startService(config, log);
+  if (firstSignalAt !== undefined) stop();
+  return exit;
 }
 
 async function agents(config: Config, log: Logger, args: string[]): Promise<number> {
@@ -156,6 +165,11 @@ async function watch(config: Config, log: Logger, args: string[]): Promise<numbe
   const { values } = parseArgs({ args, options: { agent: { type: 'string' } }, strict: true });
   const agentId = values.agent?.toLowerCase();
   if (agentId !== undefined && !isUuid(agentId)) throw new UsageError(`--agent must be a UUID (got ${JSON.stringify(values.agent)})`);
+  // Listen for Ctrl-C first, so that one arriving during start-up is not fatal.
+  const interrupted = new Promise<void>((resolve) => {
+    process.once('SIGINT', resolve);
+    process.once('SIGTERM', resolve);
+  });
   return withDatabase(config, log, async (url) => {
     const pool = createPool(url, log, 2);
     const store = new MetadataStore(pool);
@@ -186,10 +200,7 @@ async function watch(config: Config, log: Logger, args: string[]): Promise<numbe
     });
     process.stderr.write(`listening on ${config.notifyChannel}; Ctrl-C to stop\n`);
     await printAgent();
-    await new Promise<void>((resolve) => {
-      process.once('SIGINT', resolve);
-      process.once('SIGTERM', resolve);
-    });
+    await interrupted;
     await subscription.close();
     await pool.end();
     return 0;

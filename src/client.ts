@@ -21,6 +21,8 @@ export interface SubscribeOptions {
   onResync?(): void;
   /** Connection problems and undecodable payloads; the subscription carries on. Default: ignored. */
   onError?(err: Error): void;
+  /** application_name of the connection, as pg_stat_activity shows it. Default `metabatch-listener`. */
+  applicationName?: string;
 }
 
 export interface Subscription {
@@ -47,7 +49,7 @@ export async function subscribe(options: SubscribeOptions): Promise<Subscription
   let closed = false;
   let firstConnect = true;
   const subscriber = createSubscriber(
-    { connectionString: options.databaseUrl },
+    { connectionString: options.databaseUrl, application_name: options.applicationName ?? 'metabatch-listener' },
     {
       // Payloads are raw base64, not JSON.
       parse: (payload: string) => payload,

@@ -224,11 +224,12 @@ export class WatchHub {
     }
   }
 
+  /** A tick every second; one still reading the database makes the next one a no-op. */
   private schedule(): void {
     this.timer = this.clock.setTimeout(() => {
-      void this.tick().finally(() => {
-        if (!this.closed) this.schedule();
-      });
+      if (this.closed) return;
+      this.schedule();
+      void this.tick();
     }, TICK_MS);
   }
 }

@@ -69,9 +69,10 @@ export interface Harness {
 
 export async function createHarness(
   db: TestDatabase,
-  options: Partial<Omit<BatcherOptions, 'store' | 'publisher' | 'metrics' | 'logger'>> = {},
+  options: Partial<Omit<BatcherOptions, 'store' | 'publisher' | 'metrics' | 'logger'>> & { startAt?: number } = {},
 ): Promise<Harness> {
-  const clock = FakeTimers.createClock(Date.parse('2026-11-23T00:00:00Z'));
+  const { startAt, ...batcherOptions } = options;
+  const clock = FakeTimers.createClock(startAt ?? Date.parse('2026-11-23T00:00:00Z'));
   const registry = new Registry();
   const store = new ObservedStore(db.pool);
   const publisher = new ObservedPublisher(db.pool, CHANNEL);
@@ -83,7 +84,7 @@ export async function createHarness(
     metrics: new BatcherMetrics(registry),
     logger: createLogger('silent'),
     clock: clock as unknown as Clock,
-    ...options,
+    ...batcherOptions,
   });
   return {
     clock,
