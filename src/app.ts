@@ -17,8 +17,9 @@ import type { WatchHub } from './watch.js';
 // 1 MiB: a report holds at most 6144 bytes of keys, and values over 2048
 // bytes are cut anyway; an agent's output of 10 KiB for each of 50 keys fits.
 export const BODY_LIMIT_BYTES = 1024 * 1024;
-// Slow clients must not hold sockets forever (slow-loris).
-const REQUEST_TIMEOUT_MS = 30_000;
+// Slow clients must not hold sockets forever (slow-loris): headers within
+// 10 s, the whole request within 30 s, no silence longer than 30 s.
+export const DEFAULT_TIMEOUTS = { headersMs: 10_000, requestMs: 30_000, idleMs: 30_000 };
 
 export interface AppDependencies {
   logger: Logger;
@@ -29,6 +30,8 @@ export interface AppDependencies {
   health: Health;
   watchHub: WatchHub;
   adminToken: string | undefined;
+  /** Overrides of DEFAULT_TIMEOUTS (tests use short ones). */
+  timeouts?: Partial<typeof DEFAULT_TIMEOUTS>;
 }
 
 /** Who a request speaks for: the admin, or one agent. */
@@ -50,11 +53,17 @@ export class HttpError extends Error {
 }
 
 export function buildApp(deps: AppDependencies): FastifyInstance {
+  const timeouts = { ...DEFAULT_TIMEOUTS, ...deps.timeouts };
   const app = Fastify({
     loggerInstance: deps.logger as FastifyBaseLogger,
     bodyLimit: BODY_LIMIT_BYTES,
-    requestTimeout: REQUEST_TIMEOUT_MS,
-    connectionTimeout: REQUEST_TIMEOUT_MS,
+    requestTimeout: timeouts.requestMs,
+    connectionTimeout: timeouts.idleMs,
+    http: {
+      headersTimeout: timeouts.headersMs,
+      // How often Node enforces the two timeouts above (its default is 30 s).
+      connectionsCheckingInterval: Math.min(1000, timeouts.headersMs / 2),
+    },
     // Node's 16 KiB header limit stays: more is refused with 431.
     routerOptions: { maxParamLength: 200 },
     return503OnClosing: true,

@@ -2,7 +2,7 @@
 // with app.inject.
 
 import type { FastifyInstance, LightMyRequestResponse } from 'fastify';
-import { buildApp } from '../../src/app.js';
+import { buildApp, type AppDependencies } from '../../src/app.js';
 import { AgentAuthenticator } from '../../src/auth.js';
 import type { Health } from '../../src/routes/health.js';
 import { WatchMetrics } from '../../src/metrics.js';
@@ -25,7 +25,12 @@ export interface AppHarness extends Harness {
 
 export async function createAppHarness(
   db: TestDatabase,
-  options: { adminToken?: string | null; logger?: Logger; batcher?: Parameters<typeof createHarness>[1] } = {},
+  options: {
+    adminToken?: string | null;
+    logger?: Logger;
+    batcher?: Parameters<typeof createHarness>[1];
+    timeouts?: AppDependencies['timeouts'];
+  } = {},
 ): Promise<AppHarness> {
   const h = await createHarness(db, options.batcher);
   const adminToken = options.adminToken === null ? undefined : (options.adminToken ?? ADMIN_TOKEN);
@@ -47,6 +52,7 @@ export async function createAppHarness(
     health,
     watchHub: hub,
     adminToken,
+    timeouts: options.timeouts,
   });
   await app.ready();
   const harness: AppHarness = {

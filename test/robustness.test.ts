@@ -1,0 +1,152 @@
+// Bad input never hurts: 10,000 generated bodies and a set of hostile
+// clients get clear 4xx answers, nothing is applied, the process keeps
+// serving, and no secret reaches a log line.
+
+import net from 'node:net';
+import { Writable } from 'node:stream';
+import fc from 'fast-check';
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { createLogger } from '../src/logger.js';
+import { ADMIN_TOKEN, createAppHarness, type AppHarness } from './support/app.js';
+import { createTestDatabase, type TestDatabase } from './support/db.js';
+
+let db: TestDatabase;
+const open: AppHarness[] = [];
+
+beforeAll(async () => {
+  db = await createTestDatabase();
+});
+afterAll(async () => {
+  await db.drop();
+});
+afterEach(async () => {
+  await Promise.all(open.splice(0).map((h) => h.close()));
+});
+
+async function appHarness(options: Parameters<typeof createAppHarness>[1] = {}): Promise<AppHarness> {
+  const h = await createAppHarness(db, options);
+  open.push(h);
+  return h;
+}
+
+// Bodies near the valid shape, where the bugs live, and arbitrary JSON.
+const item = fc.record(
+  {
+    key: fc.oneof(fc.string({ maxLength: 200 }), fc.string({ unit: 'binary', maxLength: 130 }), fc.integer(), fc.constant(null)),
+    value: fc.oneof(fc.string({ maxLength: 3000 }), fc.string({ unit: 'binary', maxLength: 1000 }), fc.double(), fc.boolean(), fc.object()),
+    error: fc.oneof(fc.string({ maxLength: 2100 }), fc.constant(undefined), fc.array(fc.string())),
+    collected_at: fc.oneof(
+      fc.date({ noInvalidDate: true }).map((d) => d.toISOString()),
+      fc.string({ maxLength: 40 }),
+      fc.constant('2026-11-23T00:00:00Z'),
+      fc.constant('9999-12-31T23:59:59.999999999+14:00'),
+      fc.integer(),
+    ),
+  },
+  { requiredKeys: [] },
+);
+const body = fc.oneof(
+  fc.record({ metadata: fc.array(item, { maxLength: 40 }) }).map((b) => JSON.stringify(b)),
+  fc.json({ depthSize: 'medium' }),
+  fc.jsonValue().map((v) => JSON.stringify({ metadata: v })),
+  fc.uint8Array({ maxLength: 300 }).map((bytes) => Buffer.from(bytes)),
+  fc.nat({ max: 20_000 }).map((depth) => '['.repeat(depth) + ']'.repeat(depth)),
+  fc.string({ maxLength: 300 }),
+);
+
+describe('bad input', () => {
+  it('answers 10,000 generated bodies without a single 5xx, and keeps serving', async () => {
+    const h = await appHarness();
+    const { id, token } = await h.agent(['cpu', 'mem']);
+    const statuses = new Map<number, number>();
+    await fc.assert(
+      fc.asyncProperty(body, async (payload) => {
+        const res = await h.app.inject({
+          method: 'POST',
+          url: `/v1/agents/${id}/metadata`,
+          headers: { authorization: `Bearer ${token}`, 'content-type': 'application/json' },
+          payload,
+        });
+        statuses.set(res.statusCode, (statuses.get(res.statusCode) ?? 0) + 1);
+        expect(res.statusCode).toBeLessThan(500);
+        if (res.statusCode >= 400) expect(typeof res.json().error).toBe('string');
+      }),
+      { numRuns: 10_000 },
+    );
+    expect([...statuses.values()].reduce((a, b) => a + b, 0)).toBe(10_000);
+    expect(statuses.get(400)).toBeGreaterThan(1000);
+    // Whatever was accepted flushes without failing the batch.
+    await h.advance(5000);
+    await h.batcher.idle();
+    expect(await h.metric('metabatch_metadata_flush_errors_total')).toBe(0);
+    const ok = await h.post(id, token, { metadata: [{ key: 'cpu', value: 'still serving' }] });
+    expect(ok.statusCode).toBe(202);
+  }, 120_000);
+
+  it('stores non-UTF-8 bytes as replacement characters, and answers 400 to deep nesting and an invalid UUID', async () => {
+    const h = await appHarness();
+    const { id, token } = await h.agent(['cpu']);
+    const send = (url: string, payload: string | Buffer) =>
+      h.app.inject({ method: 'POST', url, headers: { authorization: `Bearer ${token}`, 'content-type': 'application/json' }, payload });
+    const latin1 = Buffer.concat([Buffer.from('{"metadata":[{"key":"cpu","value":"'), Buffer.from([0xff, 0xfe, 0xe9]), Buffer.from('"}]}')]);
+    // Decoded as UTF-8 with replacement characters: valid text, which Postgres takes.
+    expect((await send(`/v1/agents/${id}/metadata`, latin1)).statusCode).toBe(202);
+    expect((await send(`/v1/agents/${id}/metadata`, '{"metadata":' + '['.repeat(100_000) + ']'.repeat(100_000) + '}')).statusCode).toBe(400);
+    const badId = await send('/v1/agents/123/metadata', '{"metadata":[]}');
+    expect(badId.statusCode).toBe(400);
+    expect(badId.json()).toEqual({ error: 'agentId must be a UUID (got "123")' });
+    await h.advance(5000);
+    const { rows } = await db.pool.query(`SELECT value FROM workspace_agent_metadata WHERE workspace_agent_id = $1`, [id]);
+    expect(rows[0].value).toBe('\uFFFD\uFFFD\uFFFD');
+    expect(await h.metric('metabatch_metadata_flushed_total')).toBe(1);
+  });
+
+  it('cuts off a slow-loris client at the header timeout and keeps serving others', async () => {
+    const h = await appHarness({ timeouts: { headersMs: 300, requestMs: 600, idleMs: 600 } });
+    const base = await h.app.listen({ host: '127.0.0.1', port: 0 });
+    const port = Number(new URL(base).port);
+    const socket = net.connect(port, '127.0.0.1');
+    await new Promise((resolve) => socket.once('connect', resolve));
+    const started = Date.now();
+    const closed = new Promise<number>((resolve) => socket.once('close', () => resolve(Date.now() - started)));
+    socket.on('error', () => undefined);
+    socket.write('POST /v1/agents/123e4567-e89b-12d3-a456-426614174000/metadata HTTP/1.1\r\nHost: x\r\n');
+    // One header byte every 100 ms, never finishing.
+    const drip = setInterval(() => socket.write('X'), 100);
+    const took = await closed;
+    clearInterval(drip);
+    expect(took).toBeLessThan(3000);
+    expect((await fetch(`${base}/healthz`)).status).toBe(200);
+  });
+
+  it('answers 431 to oversize headers', async () => {
+    const h = await appHarness();
+    const base = await h.app.listen({ host: '127.0.0.1', port: 0 });
+    const res = await fetch(`${base}/healthz`, { headers: { 'x-huge': 'a'.repeat(20_000) } });
+    expect(res.status).toBe(431);
+  });
+});
+
+describe('secrets', () => {
+  it('never logs tokens or metadata values, even at trace level and on errors', async () => {
+    const lines: string[] = [];
+    const sink = new Writable({
+      write(chunk: Buffer, _encoding, done) {
+        lines.push(chunk.toString());
+        done();
+      },
+    });
+    const h = await appHarness({ logger: createLogger('trace', sink) });
+    const { id, token } = await h.agent(['cpu']);
+    await h.post(id, token, { metadata: [{ key: 'cpu', value: 'SECRET-VALUE-123' }] });
+    await h.post(id, 'mbt_WRONG-TOKEN-456', { metadata: [{ key: 'cpu', value: 'SECRET-VALUE-789' }] });
+    await h.post(id, token, '{"broken');
+    await h.app.inject({ method: 'POST', url: '/v1/agents', headers: { authorization: `Bearer ${ADMIN_TOKEN}x` }, payload: { name: 'n' } });
+    await h.advance(5000);
+    const log = lines.join('');
+    expect(log).toContain('"msg":"request"');
+    for (const secret of [token, 'mbt_WRONG-TOKEN-456', ADMIN_TOKEN, 'SECRET-VALUE-123', 'SECRET-VALUE-789']) {
+      expect(log).not.toContain(secret);
+    }
+  });
+});
