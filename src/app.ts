@@ -5,11 +5,10 @@ import Fastify, { LogController, type FastifyBaseLogger, type FastifyError, type
 import type { Registry } from 'prom-client';
 import { isUuid } from './agentIdChunks.js';
 import { bearerToken, secretsEqual, type AgentAuthenticator } from './auth.js';
-import type { Batcher } from './batcher.js';
 import type { Logger } from './logger.js';
 import { agentRoutes } from './routes/agents.js';
 import { healthRoutes, type Health } from './routes/health.js';
-import { ingestRoutes } from './routes/ingest.js';
+import { ingestRoutes, type MetadataSink } from './routes/ingest.js';
 import { readRoutes } from './routes/read.js';
 import type { MetadataStore } from './store.js';
 import type { WatchHub } from './watch.js';
@@ -24,7 +23,7 @@ export const DEFAULT_TIMEOUTS = { headersMs: 10_000, requestMs: 30_000, idleMs: 
 export interface AppDependencies {
   logger: Logger;
   store: MetadataStore;
-  batcher: Batcher;
+  batcher: MetadataSink;
   auth: AgentAuthenticator;
   registry: Registry;
   health: Health;

@@ -29,6 +29,8 @@ export interface UpdateResult {
   undeclared: number;
   /** Entries not written because the row already held a newer collected_at. */
   stale: number;
+  /** Set when the store itself NOTIFYed the changed agents (in the UPDATE's statement): the payloads sent. */
+  announced?: number;
 }
 
 /** What the batcher writes to; `MetadataStore` in production. */
@@ -43,7 +45,8 @@ export interface Announcer {
 
 export interface BatcherOptions {
   store: MetadataWriter;
-  publisher: Announcer;
+  /** Announces changed agents when the store does not do it in its own statement. */
+  publisher?: Announcer;
   metrics: BatcherMetrics;
   logger: Logger;
   clock?: Clock;
@@ -109,6 +112,8 @@ const DROP_WARN_INTERVAL_MS = 10_000;
 // this many (2.2 MB of ids) the oldest hints are forgotten and counted;
 // listeners resync on reconnect anyway.
 const MAX_PENDING_ANNOUNCE = 100_000;
+// SQLSTATE of "too many notifications in the NOTIFY queue".
+const NOTIFY_QUEUE_FULL = '54000';
 
 export class Batcher {
   readonly batchSize: number;
@@ -117,7 +122,7 @@ export class Batcher {
   readonly maxHeldKeys: number;
 
   private readonly store: MetadataWriter;
-  private readonly publisher: Announcer;
+  private readonly publisher: Announcer | undefined;
   private readonly metrics: BatcherMetrics;
   private readonly log: Logger;
   private readonly clock: Clock;
@@ -443,6 +448,8 @@ export class Batcher {
         result = await this.store.updateMetadata(batch);
       } catch (err) {
         this.metrics.flushErrorsTotal.inc();
+        // The NOTIFY queue is full: a publish failure too (the statement rolled back and is retried).
+        if ((err as { code?: string }).code === NOTIFY_QUEUE_FULL) this.metrics.publishErrorsTotal.inc();
         if (this.databaseUp) {
           this.log.error({ err, reason, count }, 'metadata UPDATE failed; keeping the batch and retrying with backoff');
         } else {
@@ -461,7 +468,8 @@ export class Batcher {
       this.heldCount = 0;
       if (result.undeclared > 0) this.metrics.undeclaredKeysTotal.inc(result.undeclared);
       if (result.stale > 0) this.metrics.staleKeysTotal.inc(result.stale);
-      changed = result.changedAgentIds;
+      if (result.announced === undefined) changed = result.changedAgentIds;
+      else this.metrics.notifyPayloadsTotal.inc(result.announced);
     }
     this.mode = Mode.idle;
     await this.announce(changed, count);
@@ -499,7 +507,7 @@ export class Batcher {
       ids = [...this.pendingAnnounce];
       this.pendingAnnounce.clear();
     }
-    if (ids.length === 0) return;
+    if (ids.length === 0 || !this.publisher) return;
     try {
       const payloads = await this.publisher.publish(ids);
       this.metrics.notifyPayloadsTotal.inc(payloads);

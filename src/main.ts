@@ -15,7 +15,6 @@ import { createPool, migrate } from './database.js';
 import { EmbeddedPostgres } from './embedded.js';
 import type { Logger } from './logger.js';
 import { BatcherMetrics, WatchMetrics } from './metrics.js';
-import { Publisher } from './publisher.js';
 import type { Health } from './routes/health.js';
 import { replaySpill, spillPath, writeSpill } from './spill.js';
 import { MetadataStore } from './store.js';
@@ -49,7 +48,8 @@ export async function startService(config: Config, log: Logger): Promise<Service
   try {
     pool = createPool(url, log);
     await migrate(pool, log);
-    const store = new MetadataStore(pool);
+    // The store NOTIFYs in the flush's own statement: one round trip per batch.
+    const store = new MetadataStore(pool, { notifyChannel: config.notifyChannel });
 
     const replayed = await replaySpill(config.dataDir, store);
     if (replayed > 0) log.info({ entries: replayed, file: spillPath(config.dataDir) }, 'replayed metadata spilled at the last shutdown');
@@ -58,7 +58,6 @@ export async function startService(config: Config, log: Logger): Promise<Service
     collectDefaultMetrics({ register: registry, prefix: 'metabatch_' });
     const batcher = new Batcher({
       store,
-      publisher: new Publisher(pool, config.notifyChannel),
       metrics: new BatcherMetrics(registry),
       logger: log.child({ component: 'batcher' }),
       batchSize: config.batchSize,

@@ -4,6 +4,7 @@
 
 import { createHash, randomBytes, randomUUID } from 'node:crypto';
 import type { Pool, PoolClient } from 'pg';
+import { MAX_AGENT_IDS_PER_CHUNK } from './agentIdChunks.js';
 import type { MetadataBatch, MetadataWriter, UpdateResult } from './batcher.js';
 
 // Written rows grouped per agent: the statement returns one row per changed
@@ -20,6 +21,30 @@ WITH updated AS (
   RETURNING wam.workspace_agent_id
 )
 SELECT workspace_agent_id::text AS agent_id, count(*)::int AS written FROM updated GROUP BY 1`;
+
+// The same UPDATE that also announces the changed agents, in the original's
+// payload format (22-character unpadded base64 per id, at most 363 per
+// payload), built in SQL: one statement, one round trip per flush, and the
+// NOTIFYs are delivered exactly when the UPDATE commits.
+const updateMetadataAndNotify = `
+WITH updated AS (
+  UPDATE workspace_agent_metadata AS wam
+  SET value = m.value, error = m.error, collected_at = m.collected_at
+  FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::timestamptz[])
+    AS m(workspace_agent_id, key, value, error, collected_at)
+  WHERE wam.workspace_agent_id = m.workspace_agent_id
+    AND wam.key = m.key
+    AND wam.collected_at <= m.collected_at
+  RETURNING wam.workspace_agent_id
+), changed AS (
+  SELECT workspace_agent_id AS id, count(*)::int AS written FROM updated GROUP BY 1
+), payloads AS (
+  SELECT string_agg(rtrim(encode(uuid_send(id), 'base64'), '='), '') AS payload
+  FROM (SELECT id, (row_number() OVER () - 1) / ${MAX_AGENT_IDS_PER_CHUNK} AS chunk FROM changed) AS numbered
+  GROUP BY chunk
+)
+SELECT id::text AS agent_id, written, (SELECT count(pg_notify($6, payload))::int FROM payloads) AS payloads
+FROM changed`;
 
 // Only when some entries were not written: which of them have no row at all.
 const countUndeclared = `
@@ -95,17 +120,29 @@ export function hashToken(token: string): Buffer {
   return createHash('sha256').update(token).digest();
 }
 
+export interface MetadataStoreOptions {
+  /** When set, each flush's UPDATE also NOTIFYs this channel, in the same statement. */
+  notifyChannel?: string;
+}
+
 export class MetadataStore implements MetadataWriter {
-  constructor(private readonly pool: Pool) {}
+  private readonly notifyChannel: string | undefined;
+
+  constructor(
+    private readonly pool: Pool,
+    options: MetadataStoreOptions = {},
+  ) {
+    this.notifyChannel = options.notifyChannel;
+  }
 
   async updateMetadata(batch: MetadataBatch): Promise<UpdateResult> {
-    const { rows } = await this.pool.query<{ agent_id: string; written: number }>(updateMetadata, [
-      batch.agentIds,
-      batch.keys,
-      batch.values,
-      batch.errors,
-      batch.collectedAts,
-    ]);
+    const params: unknown[] = [batch.agentIds, batch.keys, batch.values, batch.errors, batch.collectedAts];
+    const announce = this.notifyChannel !== undefined;
+    if (announce) params.push(this.notifyChannel);
+    const { rows } = await this.pool.query<{ agent_id: string; written: number; payloads?: number }>(
+      announce ? updateMetadataAndNotify : updateMetadata,
+      params,
+    );
     let written = 0;
     const changedAgentIds = rows.map((row) => {
       written += row.written;
@@ -116,7 +153,9 @@ export class MetadataStore implements MetadataWriter {
       const result = await this.pool.query<{ undeclared: number }>(countUndeclared, [batch.agentIds, batch.keys]);
       undeclared = result.rows[0]?.undeclared ?? 0;
     }
-    return { changedAgentIds, undeclared, stale: batch.keys.length - written - undeclared };
+    const result: UpdateResult = { changedAgentIds, undeclared, stale: batch.keys.length - written - undeclared };
+    if (announce) result.announced = rows[0]?.payloads ?? 0;
+    return result;
   }
 
   async createAgent(name: string): Promise<CreatedAgent> {

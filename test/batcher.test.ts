@@ -28,9 +28,9 @@ async function harness(options: Parameters<typeof createHarness>[1] = {}): Promi
 const at = (iso: string) => new Date(iso);
 const sorted = (ids: readonly string[]) => [...ids].sort();
 
-describe('TestMetadataBatcher', () => {
+describe.each(['publisher', 'store'] as const)('TestMetadataBatcher (NOTIFY by the %s)', (announce) => {
   it('flushes nothing on an empty tick, then 2, 5 and 500 entries (totals 0, 2, 7, 507)', async () => {
-    const h = await harness();
+    const h = await harness({ announce });
     const [agent1, agent2] = await db.createAgents(2, ['key1', 'key2', 'key3']);
     const t2 = at('2026-11-23T00:00:02Z');
     const t3 = at('2026-11-23T00:00:03Z');
@@ -83,7 +83,10 @@ describe('TestMetadataBatcher', () => {
     expect(sorted(h.payloads.slice(2).flat())).toEqual(sorted(bulk));
     expect(await h.metric('metabatch_metadata_batches_total', { reason: 'capacity' })).toBe(1);
     expect(await h.metric('metabatch_metadata_flushed_total')).toBe(507);
-    const { rows } = await db.pool.query(`SELECT count(*)::int AS n FROM workspace_agent_metadata WHERE value = 'bulk_value'`);
+    const { rows } = await db.pool.query(
+      `SELECT count(*)::int AS n FROM workspace_agent_metadata WHERE value = 'bulk_value' AND workspace_agent_id = ANY($1::uuid[])`,
+      [bulk],
+    );
     expect(rows[0].n).toBe(500);
   });
 });
@@ -192,9 +195,9 @@ describe('TestMetadataBatcher_TimestampOrdering', () => {
   });
 });
 
-describe('TestMetadataBatcher_PubsubChunking', () => {
+describe.each(['publisher', 'store'] as const)('TestMetadataBatcher_PubsubChunking (NOTIFY by the %s)', (announce) => {
   it('flushes 499 + 101 adds as a capacity batch of 500 (2 payloads) and a scheduled one of 100 (3 in all)', async () => {
-    const h = await harness();
+    const h = await harness({ announce });
     const agents = await db.createAgents(600);
     const t = at('2026-11-23T00:00:01Z');
     for (const id of agents.slice(0, 499)) h.batcher.add(id, ['key1'], ['v'], [''], [t]);
@@ -224,6 +227,8 @@ describe('TestMetadataBatcher_PubsubChunking', () => {
     expect(await h.metric('metabatch_metadata_batches_total', { reason: 'capacity' })).toBe(1);
     expect(await h.metric('metabatch_metadata_batches_total', { reason: 'scheduled' })).toBe(1);
     expect(await h.metric('metabatch_metadata_flushed_total')).toBe(600);
+    expect(await h.metric('metabatch_metadata_notify_payloads_total')).toBe(3);
+    expect(h.publisher.calls).toHaveLength(announce === 'publisher' ? 2 : 0);
   });
 });
 

@@ -2,7 +2,7 @@
 // 202 when every key was queued, 429 with Retry-After when some were refused.
 
 import type { FastifyPluginAsync } from 'fastify';
-import { BatcherClosedError, type Batcher } from '../batcher.js';
+import { BatcherClosedError, type AddResult } from '../batcher.js';
 import { MAX_ALL_KEYS_BYTES, MAX_KEY_CHARS, normalizeReport, type ReportItem } from '../report.js';
 import { HttpError, type Authenticate } from '../app.js';
 
@@ -28,7 +28,19 @@ const reportSchema = {
   },
 } as const;
 
-export const ingestRoutes: FastifyPluginAsync<{ batcher: Batcher; authenticate: Authenticate }> = async (
+/** Where reports go: the Batcher; the benchmark's naive mode writes at once instead. */
+export interface MetadataSink {
+  add(
+    agentId: string,
+    keys: readonly string[],
+    values: readonly string[],
+    errors: readonly string[],
+    collectedAts: readonly Date[],
+  ): AddResult | Promise<AddResult>;
+  readonly retryAfterSeconds: number;
+}
+
+export const ingestRoutes: FastifyPluginAsync<{ batcher: MetadataSink; authenticate: Authenticate }> = async (
   app,
   { batcher, authenticate },
 ) => {
@@ -41,7 +53,7 @@ export const ingestRoutes: FastifyPluginAsync<{ batcher: Batcher; authenticate: 
       const report = normalizeReport(request.body.metadata, new Date());
       let result;
       try {
-        result = batcher.add(caller.agentId, report.keys, report.values, report.errors, report.collectedAts);
+        result = await batcher.add(caller.agentId, report.keys, report.values, report.errors, report.collectedAts);
       } catch (err) {
         if (err instanceof BatcherClosedError) throw new HttpError(503, 'shutting down: retry against another replica or later');
         throw err;

@@ -69,18 +69,22 @@ export interface Harness {
 
 export async function createHarness(
   db: TestDatabase,
-  options: Partial<Omit<BatcherOptions, 'store' | 'publisher' | 'metrics' | 'logger'>> & { startAt?: number } = {},
+  options: Partial<Omit<BatcherOptions, 'store' | 'publisher' | 'metrics' | 'logger'>> & {
+    startAt?: number;
+    /** Who NOTIFYs: a separate Publisher (default), or the store in its UPDATE statement (as the service does). */
+    announce?: 'publisher' | 'store';
+  } = {},
 ): Promise<Harness> {
-  const { startAt, ...batcherOptions } = options;
+  const { startAt, announce = 'publisher', ...batcherOptions } = options;
   const clock = FakeTimers.createClock(startAt ?? Date.parse('2026-11-23T00:00:00Z'));
   const registry = new Registry();
-  const store = new ObservedStore(db.pool);
+  const store = new ObservedStore(db.pool, announce === 'store' ? { notifyChannel: CHANNEL } : {});
   const publisher = new ObservedPublisher(db.pool, CHANNEL);
   const payloads: string[][] = [];
   const listener = await subscribe({ databaseUrl: db.url, onBatch: (ids) => payloads.push(ids) });
   const batcher = new Batcher({
     store,
-    publisher,
+    ...(announce === 'publisher' ? { publisher } : {}),
     metrics: new BatcherMetrics(registry),
     logger: createLogger('silent'),
     clock: clock as unknown as Clock,
