@@ -1,7 +1,15 @@
 // The Fastify app: routes, auth hooks and the error shape. It never listens;
 // `main` does, and tests drive it with `app.inject` or a real socket.
 
-import Fastify, { LogController, type FastifyBaseLogger, type FastifyError, type FastifyInstance, type FastifyRequest } from 'fastify';
+import Fastify, {
+  LogController,
+  type FastifyBaseLogger,
+  type FastifyError,
+  type FastifyInstance,
+  type FastifyReply,
+  type FastifyRequest,
+  type HookHandlerDoneFunction,
+} from 'fastify';
 import type { Registry } from 'prom-client';
 import { isUuid } from './agentIdChunks.js';
 import { bearerToken, secretsEqual, type AgentAuthenticator } from './auth.js';
@@ -68,6 +76,8 @@ export function buildApp(deps: AppDependencies): FastifyInstance {
     return503OnClosing: true,
     // Our own onResponse hook logs requests, without bodies or tokens.
     logController: new LogController({ disableRequestLogging: true }),
+    // No child logger per request: nothing logs per request on the hot path.
+    childLoggerFactory: (logger) => logger,
     // Types are checked, not coerced: a number where a string belongs is a 400.
     ajv: { customOptions: { coerceTypes: false } },
   });
@@ -75,22 +85,16 @@ export function buildApp(deps: AppDependencies): FastifyInstance {
   app.removeContentTypeParser('text/plain');
   app.decorateRequest('caller', undefined);
 
-  // 413 from Content-Length before the body is read, so the client sees the
-  // answer instead of a connection reset mid-upload.
-  app.addHook('onRequest', async (request, reply) => {
-    const length = Number(request.headers['content-length'] ?? 0);
-    if (length > BODY_LIMIT_BYTES) {
-      return reply.code(413).send({ error: `request body of ${length} bytes exceeds the limit of ${BODY_LIMIT_BYTES} bytes` });
-    }
-  });
-
-  // Request logs carry method, route, status and time, never bodies or tokens.
-  app.addHook('onResponse', async (request, reply) => {
-    request.log.debug(
-      { method: request.method, url: request.routeOptions.url, status: reply.statusCode, ms: Math.round(reply.elapsedTime) },
-      'request',
-    );
-  });
+  // Request logs (debug) carry method, route, status and time, never bodies or tokens.
+  if (deps.logger.isLevelEnabled('debug')) {
+    app.addHook('onResponse', (request, reply, done) => {
+      deps.logger.debug(
+        { method: request.method, url: request.routeOptions.url, status: reply.statusCode, ms: Math.round(reply.elapsedTime) },
+        'request',
+      );
+      done();
+    });
+  }
 
   app.setErrorHandler((error: FastifyError, request, reply) => {
     const status = error.statusCode ?? 500;
@@ -115,8 +119,40 @@ export function buildApp(deps: AppDependencies): FastifyInstance {
   return app;
 }
 
-/** An onRequest hook that sets `request.caller` or throws an HttpError. */
-export type Authenticate = (request: FastifyRequest) => Promise<void>;
+/** An onRequest hook that sets `request.caller`, or fails with an HttpError. */
+export type Authenticate = (request: FastifyRequest, reply: FastifyReply, done: HookHandlerDoneFunction) => void;
+
+/**
+ * A callback-style hook around a check that is synchronous when the token is
+ * cached (the common case: no promise, no extra tick), and a promise when it
+ * must ask the database.
+ */
+function hook(check: (request: FastifyRequest) => void | Promise<void>): Authenticate {
+  return (request, _reply, done) => {
+    let pending: void | Promise<void>;
+    try {
+      refuseOversizeBody(request);
+      pending = check(request);
+    } catch (err) {
+      done(err as Error);
+      return;
+    }
+    if (pending) pending.then(() => done(), done);
+    else done();
+  };
+}
+
+/**
+ * 413 from Content-Length before the body is read, so the client sees the
+ * answer instead of a connection reset mid-upload. (Every route with a body
+ * authenticates, so the check rides on that one hook.)
+ */
+function refuseOversizeBody(request: FastifyRequest): void {
+  const length = Number(request.headers['content-length'] ?? 0);
+  if (length > BODY_LIMIT_BYTES) {
+    throw new HttpError(413, `request body of ${length} bytes exceeds the limit of ${BODY_LIMIT_BYTES} bytes`);
+  }
+}
 
 function requireAgentIdParam(request: FastifyRequest): string | undefined {
   const agentId = (request.params as { agentId?: string }).agentId;
@@ -128,32 +164,47 @@ function adminMatches(adminToken: string | undefined, token: string | undefined)
   return adminToken !== undefined && token !== undefined && secretsEqual(token, adminToken);
 }
 
+/** Sets the caller to the token's agent: 401 for an unknown token, 403 for another agent's. */
+function asAgent(request: FastifyRequest, agentId: string | undefined, owner: string | undefined, unknown: string): void {
+  if (owner === undefined) throw new HttpError(401, unknown);
+  if (owner !== agentId) throw new HttpError(403, 'this token belongs to another agent');
+  request.caller = { kind: 'agent', agentId: owner };
+}
+
+/** The token's agent, now when cached, else from the database (503 when it cannot answer). */
+function lookup(auth: AgentAuthenticator, token: string): string | undefined | Promise<string | undefined> {
+  const owner = auth.agentForToken(token);
+  if (!(owner instanceof Promise)) return owner;
+  return owner.catch(() => {
+    throw new HttpError(503, 'database unavailable: could not check the token, retry later');
+  });
+}
+
 /** The route's agent, by its own token: 401 without a valid token, 403 with another agent's. */
 function agentOnly(auth: AgentAuthenticator): Authenticate {
-  return async (request) => {
+  return hook((request) => {
     const agentId = requireAgentIdParam(request);
     const token = bearerToken(request.headers.authorization);
     if (token === undefined) throw new HttpError(401, 'missing agent token: send Authorization: Bearer <token>');
-    const owner = await lookup(auth, token);
-    if (owner === undefined) throw new HttpError(401, 'invalid agent token');
-    if (owner !== agentId) throw new HttpError(403, 'this token belongs to another agent');
-    request.caller = { kind: 'agent', agentId: owner };
-  };
+    const owner = lookup(auth, token);
+    if (owner instanceof Promise) return owner.then((id) => asAgent(request, agentId, id, 'invalid agent token'));
+    asAgent(request, agentId, owner, 'invalid agent token');
+  });
 }
 
 function adminOnly(adminToken: string | undefined): Authenticate {
-  return async (request) => {
+  return hook((request) => {
     if (adminToken === undefined) throw new HttpError(403, 'admin API disabled: set ADMIN_TOKEN');
     requireAgentIdParam(request);
     const token = bearerToken(request.headers.authorization);
     if (token === undefined) throw new HttpError(401, 'missing admin token: send Authorization: Bearer <ADMIN_TOKEN>');
     if (!adminMatches(adminToken, token)) throw new HttpError(401, 'invalid admin token');
     request.caller = { kind: 'admin' };
-  };
+  });
 }
 
 function adminOrAgent(adminToken: string | undefined, auth: AgentAuthenticator): Authenticate {
-  return async (request) => {
+  return hook((request) => {
     const agentId = requireAgentIdParam(request);
     const token = bearerToken(request.headers.authorization);
     if (token === undefined) throw new HttpError(401, 'missing token: send Authorization: Bearer <admin or agent token>');
@@ -161,17 +212,8 @@ function adminOrAgent(adminToken: string | undefined, auth: AgentAuthenticator):
       request.caller = { kind: 'admin' };
       return;
     }
-    const owner = await lookup(auth, token);
-    if (owner === undefined) throw new HttpError(401, 'invalid token');
-    if (owner !== agentId) throw new HttpError(403, 'this token belongs to another agent');
-    request.caller = { kind: 'agent', agentId: owner };
-  };
-}
-
-async function lookup(auth: AgentAuthenticator, token: string): Promise<string | undefined> {
-  try {
-    return await auth.agentForToken(token);
-  } catch {
-    throw new HttpError(503, 'database unavailable: could not check the token, retry later');
-  }
+    const owner = lookup(auth, token);
+    if (owner instanceof Promise) return owner.then((id) => asAgent(request, agentId, id, 'invalid token'));
+    asAgent(request, agentId, owner, 'invalid token');
+  });
 }

@@ -5,7 +5,7 @@
 
 import { timingSafeEqual } from 'node:crypto';
 import { LRUCache } from 'lru-cache';
-import { hashToken } from './store.js';
+import { hashToken, hashTokenBase64 } from './store.js';
 
 export interface TokenLookup {
   agentIdForTokenHash(tokenHash: Buffer): Promise<string | undefined>;
@@ -34,7 +34,7 @@ export class AgentAuthenticator {
 
   /** The agent a bearer token belongs to, or undefined. Concurrent lookups of one token share a query. */
   agentForToken(token: string): Promise<string | undefined> | string | undefined {
-    const key = hashToken(token).toString('base64');
+    const key = hashTokenBase64(token);
     const hit = this.known.get(key);
     if (hit !== undefined) return hit;
     if (this.unknown.has(key)) return undefined;
@@ -55,7 +55,7 @@ export class AgentAuthenticator {
 
   /** Remembers a token just created, and forgets that it was unknown. */
   remember(token: string, agentId: string): void {
-    const key = hashToken(token).toString('base64');
+    const key = hashTokenBase64(token);
     this.unknown.delete(key);
     this.known.set(key, agentId);
   }

@@ -41,7 +41,7 @@ async function main(argv: string[]): Promise<number> {
       return serve(config, log);
     case 'migrate':
       return withDatabase(config, log, async (url) => {
-        const pool = createPool(url, log, 1);
+        const pool = createPool(url, log, { max: 1 });
         try {
           const applied = await migrate(pool, log);
           process.stdout.write(applied.length > 0 ? `applied ${applied.join(', ')}\n` : 'schema is up to date\n');
@@ -139,7 +139,7 @@ async function agents(config: Config, log: Logger, args: string[]): Promise<numb
   }
   if (new Set(keys).size !== keys.length) throw new UsageError('--key values must differ');
   return withDatabase(config, log, async (url) => {
-    const pool = createPool(url, log, 2);
+    const pool = createPool(url, log, { max: 2 });
     try {
       await migrate(pool, log);
       const store = new MetadataStore(pool);
@@ -171,7 +171,7 @@ async function watch(config: Config, log: Logger, args: string[]): Promise<numbe
     process.once('SIGTERM', resolve);
   });
   return withDatabase(config, log, async (url) => {
-    const pool = createPool(url, log, 2);
+    const pool = createPool(url, log, { max: 2 });
     const store = new MetadataStore(pool);
     const printAgent = async () => {
       if (!agentId) return;

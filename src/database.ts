@@ -6,6 +6,7 @@ import { fileURLToPath } from 'node:url';
 import pg from 'pg';
 import type { Logger } from 'pino';
 import Postgrator from 'postgrator';
+import { Counter, type Registry } from 'prom-client';
 
 export const SQL_DIR = fileURLToPath(new URL('../sql/', import.meta.url));
 
@@ -19,10 +20,17 @@ const POOL_SIZE = 10;
 const CONNECT_TIMEOUT_MS = 5000;
 const QUERY_TIMEOUT_MS = 30_000;
 
-export function createPool(databaseUrl: string, log: Logger, max = POOL_SIZE): pg.Pool {
+export interface PoolOptions {
+  /** Connections at most; default 10. */
+  max?: number;
+  /** Registers metabatch_database_statements_total, counting every statement the pool's connections send. */
+  registry?: Registry;
+}
+
+export function createPool(databaseUrl: string, log: Logger, options: PoolOptions = {}): pg.Pool {
   const pool = new pg.Pool({
     connectionString: databaseUrl,
-    max,
+    max: options.max ?? POOL_SIZE,
     connectionTimeoutMillis: CONNECT_TIMEOUT_MS,
     query_timeout: QUERY_TIMEOUT_MS,
     application_name: 'metabatch',
@@ -30,6 +38,20 @@ export function createPool(databaseUrl: string, log: Logger, max = POOL_SIZE): p
   // An idle client whose backend dies (failover, pg_terminate_backend) emits
   // here; unhandled, it would crash the process.
   pool.on('error', (err) => log.warn({ err }, 'idle database connection lost'));
+  if (options.registry) {
+    const statements = new Counter({
+      name: 'metabatch_database_statements_total',
+      help: 'SQL statements sent to Postgres by the connection pool.',
+      registers: [options.registry],
+    });
+    pool.on('connect', (client) => {
+      const query = client.query.bind(client) as (...args: unknown[]) => unknown;
+      client.query = ((...args: unknown[]) => {
+        statements.inc();
+        return query(...args);
+      }) as typeof client.query;
+    });
+  }
   return pool;
 }
 

@@ -46,7 +46,9 @@ export async function startService(config: Config, log: Logger): Promise<Service
   const { url, embedded } = await openDatabase(config, log);
   let pool: pg.Pool | undefined;
   try {
-    pool = createPool(url, log);
+    const registry = new Registry();
+    collectDefaultMetrics({ register: registry, prefix: 'metabatch_' });
+    pool = createPool(url, log, { registry });
     await migrate(pool, log);
     // The store NOTIFYs in the flush's own statement: one round trip per batch.
     const store = new MetadataStore(pool, { notifyChannel: config.notifyChannel });
@@ -54,8 +56,6 @@ export async function startService(config: Config, log: Logger): Promise<Service
     const replayed = await replaySpill(config.dataDir, store);
     if (replayed > 0) log.info({ entries: replayed, file: spillPath(config.dataDir) }, 'replayed metadata spilled at the last shutdown');
 
-    const registry = new Registry();
-    collectDefaultMetrics({ register: registry, prefix: 'metabatch_' });
     const batcher = new Batcher({
       store,
       metrics: new BatcherMetrics(registry),

@@ -25,7 +25,7 @@ afterAll(async () => {
 describe('migrations', () => {
   it('apply each numbered file once, even when four processes migrate at the same time', async () => {
     const log = createLogger('silent');
-    const pools = Array.from({ length: 4 }, () => createPool(withDatabase(inject('serverUrl'), name), log, 1));
+    const pools = Array.from({ length: 4 }, () => createPool(withDatabase(inject('serverUrl'), name), log, { max: 1 }));
     try {
       const applied = await Promise.all(pools.map((pool) => migrate(pool, log)));
       expect(applied.flat().sort()).toEqual(['001.do.workspace-agents.sql', '002.do.workspace-agent-metadata.sql']);

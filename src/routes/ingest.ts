@@ -40,13 +40,18 @@ export interface MetadataSink {
   readonly retryAfterSeconds: number;
 }
 
+const countsSchema = {
+  type: 'object',
+  properties: { accepted: { type: 'integer' }, dropped: { type: 'integer' } },
+} as const;
+
 export const ingestRoutes: FastifyPluginAsync<{ batcher: MetadataSink; authenticate: Authenticate }> = async (
   app,
   { batcher, authenticate },
 ) => {
   app.post<{ Params: { agentId: string }; Body: { metadata: ReportItem[] } }>(
     '/v1/agents/:agentId/metadata',
-    { onRequest: authenticate, schema: { body: reportSchema } },
+    { onRequest: authenticate, schema: { body: reportSchema, response: { '2xx': countsSchema, 429: countsSchema } } },
     async (request, reply) => {
       const caller = request.caller;
       if (caller?.kind !== 'agent') throw new HttpError(401, 'invalid agent token');

@@ -27,7 +27,7 @@ export async function createTestDatabase(): Promise<TestDatabase> {
     await admin.end();
   }
   const url = withDatabase(serverUrl, name);
-  const pool = createPool(url, createLogger('silent'), 10);
+  const pool = createPool(url, createLogger('silent'), { max: 10 });
   return {
     url,
     pool,

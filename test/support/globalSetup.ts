@@ -39,7 +39,7 @@ export default async function setup(project: TestProject): Promise<() => Promise
   } finally {
     await admin.end();
   }
-  const pool = createPool(withDatabase(serverUrl, TEMPLATE_DATABASE), log, 1);
+  const pool = createPool(withDatabase(serverUrl, TEMPLATE_DATABASE), log, { max: 1 });
   await migrate(pool, log);
   await pool.end();
   project.provide('serverUrl', serverUrl);
