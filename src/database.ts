@@ -25,6 +25,14 @@ export interface PoolOptions {
   max?: number;
   /** Registers metabatch_database_statements_total, counting every statement the pool's connections send. */
   registry?: Registry;
+  /**
+   * synchronous_commit=off for these connections: a commit does not wait for
+   * its WAL to reach disk. A Postgres crash can then lose the last few hundred
+   * milliseconds of commits (never corrupt anything), far less than what the
+   * batcher holds in memory between flushes anyway; in exchange no flush waits
+   * for an fsync. The service sets it; see README "Guarantees".
+   */
+  asyncCommit?: boolean;
 }
 
 export function createPool(databaseUrl: string, log: Logger, options: PoolOptions = {}): pg.Pool {
@@ -34,6 +42,7 @@ export function createPool(databaseUrl: string, log: Logger, options: PoolOption
     connectionTimeoutMillis: CONNECT_TIMEOUT_MS,
     query_timeout: QUERY_TIMEOUT_MS,
     application_name: 'metabatch',
+    ...(options.asyncCommit ? { options: '-c synchronous_commit=off' } : {}),
   });
   // An idle client whose backend dies (failover, pg_terminate_backend) emits
   // here; unhandled, it would crash the process.

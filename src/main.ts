@@ -48,7 +48,7 @@ export async function startService(config: Config, log: Logger): Promise<Service
   try {
     const registry = new Registry();
     collectDefaultMetrics({ register: registry, prefix: 'metabatch_' });
-    pool = createPool(url, log, { registry });
+    pool = createPool(url, log, { registry, asyncCommit: true });
     await migrate(pool, log);
     // The store NOTIFYs in the flush's own statement: one round trip per batch.
     const store = new MetadataStore(pool, { notifyChannel: config.notifyChannel });

@@ -17,6 +17,8 @@ let root: string;
 
 beforeAll(async () => {
   root = await fs.mkdtemp(path.join(os.tmpdir(), 'metabatch-outage-'));
+  // Reachable by the postgres OS user when running as root.
+  await fs.chmod(root, 0o711);
 });
 afterAll(async () => {
   await fs.rm(root, { recursive: true, force: true });

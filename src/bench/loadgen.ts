@@ -4,6 +4,7 @@
 // results.
 
 import { readFileSync } from 'node:fs';
+import { monitorEventLoopDelay } from 'node:perf_hooks';
 import { Pool } from 'undici';
 import { summarize, type Summary } from './stats.js';
 
@@ -21,6 +22,10 @@ export interface LoadConfig {
   requests?: number;
   /** First value round, so that a second run sends new values. */
   firstRound?: number;
+  /** Also return every latency (ms), for runs that are pooled. */
+  keepLatencies?: boolean;
+  /** Requests due in the first rampMs are sent but not measured (process start, connections, JIT). */
+  rampMs?: number;
 }
 
 export interface LoadResult {
@@ -30,10 +35,15 @@ export interface LoadResult {
   keysSent: number;
   keysAccepted: number;
   keysDropped: number;
+  /** Keys accepted by every request, the unmeasured ramp included (to set against counters of the whole run). */
+  keysAcceptedAll: number;
   seconds: number;
   requestsPerSecond: number;
   keysAcceptedPerSecond: number;
   latencyMs: Summary;
+  latencies?: number[];
+  /** The generator's own event-loop delay: a stall here shows as latency too. */
+  generatorLoopDelayMs: { p99: number; max: number };
 }
 
 interface Agent {
@@ -52,11 +62,18 @@ async function main(): Promise<void> {
   let keysSent = 0;
   let keysAccepted = 0;
   let keysDropped = 0;
+  let keysAcceptedAll = 0;
   const rounds = new Uint32Array(agents.length).fill(config.firstRound ?? 0);
+  const loopDelay = monitorEventLoopDelay({ resolution: 5 });
+  loopDelay.enable();
   const start = performance.now();
 
+  const measureFrom = start + (config.rampMs ?? 0);
+  let measuredFrom = Number.POSITIVE_INFINITY;
   const post = async (index: number, scheduledAt: number): Promise<void> => {
     const agent = agents[index]!;
+    const measured = scheduledAt >= measureFrom;
+    if (measured && scheduledAt < measuredFrom) measuredFrom = scheduledAt;
     const round = rounds[index]!++;
     let body = '{"metadata":[';
     for (let k = 0; k < config.keys.length; k++) {
@@ -71,18 +88,22 @@ async function main(): Promise<void> {
         body,
       });
       const text = await res.body.text();
+      const answer = res.statusCode === 202 || res.statusCode === 429 ? (JSON.parse(text) as { accepted: number; dropped: number }) : undefined;
+      keysAcceptedAll += answer?.accepted ?? 0;
+      if (!measured) return;
       statuses[res.statusCode] = (statuses[res.statusCode] ?? 0) + 1;
-      if (res.statusCode === 202 || res.statusCode === 429) {
-        const answer = JSON.parse(text) as { accepted: number; dropped: number };
+      if (answer) {
         keysAccepted += answer.accepted;
         keysDropped += answer.dropped;
       }
     } catch {
-      errors++;
+      if (measured) errors++;
     } finally {
-      requests++;
-      keysSent += config.keys.length;
-      latencies.push(performance.now() - scheduledAt);
+      if (measured) {
+        requests++;
+        keysSent += config.keys.length;
+        latencies.push(performance.now() - scheduledAt);
+      }
     }
   };
 
@@ -128,7 +149,7 @@ async function main(): Promise<void> {
     });
     await Promise.all(inFlight);
   }
-  const seconds = (performance.now() - start) / 1000;
+  const seconds = (performance.now() - Math.min(measuredFrom, performance.now())) / 1000;
   await pool.close();
   const result: LoadResult = {
     requests,
@@ -137,10 +158,13 @@ async function main(): Promise<void> {
     keysSent,
     keysAccepted,
     keysDropped,
+    keysAcceptedAll,
     seconds,
     requestsPerSecond: requests / seconds,
     keysAcceptedPerSecond: keysAccepted / seconds,
     latencyMs: summarize(latencies),
+    ...(config.keepLatencies ? { latencies } : {}),
+    generatorLoopDelayMs: { p99: loopDelay.percentile(99) / 1e6, max: loopDelay.max / 1e6 },
   };
   process.stdout.write(`${JSON.stringify({ event: 'result', result })}\n`);
 }

@@ -40,7 +40,7 @@ class NaiveSink implements MetadataSink {
 
 const log = createLogger('warn');
 const registry = new Registry();
-const pool = createPool(process.env.DATABASE_URL!, log, { registry });
+const pool = createPool(process.env.DATABASE_URL!, log, { registry, asyncCommit: true });
 const store = new MetadataStore(pool);
 const hub = new WatchHub({ source: store, metrics: new WatchMetrics(registry), logger: log });
 const app = buildApp({

@@ -1,0 +1,36 @@
+// `npm run bench -- --quick` works end to end: a smoke test, with no speed
+// assertions (figures come from the benchmark's printout, never from a test).
+// What it asserts is bookkeeping that must hold at any speed.
+
+import fs from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
+import { describe, expect, it } from 'vitest';
+import { CLI, run } from './support/process.js';
+
+describe('metabatch bench --quick', () => {
+  it('runs every scenario, prints the table and writes the figures as JSON', async () => {
+    const json = path.join(os.tmpdir(), `metabatch-bench-${process.pid}.json`);
+    const bench = run('node', [CLI, 'bench', '--quick', '--json', json], {});
+    const { code } = await bench.exited;
+    expect(code, bench.stderr()).toBe(0);
+    expect(bench.stdout()).toMatch(/^metabatch bench: Node v\d+/m);
+    for (const section of ['ingest (closed loop)', 'flush (500 rows a batch)', 'steady (', 'burst (', 'overload (']) {
+      expect(bench.stdout()).toContain(section);
+    }
+    const report = JSON.parse(await fs.readFile(json, 'utf8'));
+    await fs.rm(json, { force: true });
+    expect(report.ingest.raw.requestsPerSecond).toBeGreaterThan(0);
+    expect(report.ingest.ours.requestsPerSecond).toBeGreaterThan(0);
+    expect(report.flush.raw.rowsPerSecond).toBeGreaterThan(0);
+    expect(report.flush.ours.rowsPerSecond).toBeGreaterThan(0);
+    expect(report.steady.ours.statements).toBeGreaterThan(0);
+    expect(report.steady.naive.statementsPerKey).toBeGreaterThan(report.steady.ours.statementsPerKey);
+    expect(report.steady.ours.freshness.postToNotifyMs.count).toBeGreaterThan(0);
+    // Every key sent is accounted for, and the service's own count agrees.
+    expect(report.overload.keysSent).toBe(report.overload.keysAccepted + report.overload.keysDropped);
+    expect(report.overload.acceptedPlusDroppedEqualsSent).toBe(true);
+    expect(report.overload.serviceCountsAgree).toBe(true);
+    expect(report.overload.peakRssMb).toBeGreaterThan(0);
+  }, 180_000);
+});
