@@ -42,6 +42,8 @@ export interface LoadResult {
   keysAcceptedPerSecond: number;
   latencyMs: Summary;
   latencies?: number[];
+  /** CPU seconds the generator itself used. */
+  generatorCpuSeconds: number;
   /** The generator's own event-loop delay: a stall here shows as latency too. */
   generatorLoopDelayMs: { p99: number; max: number };
 }
@@ -165,6 +167,7 @@ async function main(): Promise<void> {
     latencyMs: summarize(latencies),
     ...(config.keepLatencies ? { latencies } : {}),
     generatorLoopDelayMs: { p99: loopDelay.percentile(99) / 1e6, max: loopDelay.max / 1e6 },
+    generatorCpuSeconds: (process.cpuUsage().user + process.cpuUsage().system) / 1e6,
   };
   process.stdout.write(`${JSON.stringify({ event: 'result', result })}\n`);
 }
