@@ -7,6 +7,7 @@ import type { Config } from './config.js';
 import { ConfigError, loadConfig } from './config.js';
 import { createPool, migrate } from './database.js';
 import { EmbeddedPostgres } from './embedded.js';
+import { destination } from 'pino';
 import { createLogger, type Logger } from './logger.js';
 import { startService, type Service } from './main.js';
 import { subscribe } from './client.js';
@@ -19,6 +20,7 @@ const USAGE = `usage: metabatch [command]
   serve                              run the service (default)
   migrate                            apply the schema in sql/ and exit
   agents create --name N [--key K]…  create an agent, declare its keys, print its id and token
+  database-url                       print the URL of the database (psql "$(metabatch database-url)")
   watch [--agent ID]                 print a line per batch; with --agent, that agent's metadata
   bench [--quick] [--json FILE] …    run the benchmark (see README)
 
@@ -35,7 +37,8 @@ async function main(argv: string[]): Promise<number> {
     return 0;
   }
   const config = loadConfig();
-  const log = createLogger(config.logLevel);
+  // The service logs to stdout; the other commands keep stdout for their output.
+  const log = createLogger(config.logLevel, command === 'serve' ? undefined : destination(2));
   switch (command) {
     case 'serve':
       return serve(config, log);
@@ -52,6 +55,11 @@ async function main(argv: string[]): Promise<number> {
       });
     case 'agents':
       return agents(config, log, rest);
+    case 'database-url':
+      return withDatabase(config, log, async (url) => {
+        process.stdout.write(`${url}\n`);
+        return 0;
+      });
     case 'watch':
       return watch(config, log, rest);
     case 'bench': {

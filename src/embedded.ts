@@ -102,7 +102,7 @@ export class EmbeddedPostgres {
     const password = await this.password();
     if (!existsSync(path.join(this.pgdata, 'PG_VERSION'))) await this.initialise(password);
     await this.recoverLeftover();
-    const port = this.requestedPort ?? (await freePort());
+    const port = this.requestedPort ?? (await this.portToUse());
     const logFile = path.join(this.home, 'postgres.log');
     await fs.appendFile(logFile, '');
     if (this.account) await fs.chown(logFile, this.account.uid, this.account.gid);
@@ -125,6 +125,15 @@ export class EmbeddedPostgres {
     this.url = `${admin}/${this.database}`;
     this.log.info({ pgdata: this.pgdata, port }, 'embedded Postgres started');
     return this.url;
+  }
+
+  /** The port of the last start when it is still free (URLs stay the same across restarts), else a free one. */
+  private async portToUse(): Promise<number> {
+    const file = path.join(this.home, 'postgres-port');
+    const last = Number.parseInt(await fs.readFile(file, 'utf8').catch(() => ''), 10);
+    const port = Number.isSafeInteger(last) && (await portIsFree(last)) ? last : await freePort();
+    await fs.writeFile(file, `${port}\n`);
+    return port;
   }
 
   /** Fast shutdown (sessions are ended, data is safe). Idempotent. */
@@ -341,6 +350,15 @@ async function reachable(target: string, account: Account): Promise<boolean> {
     if ((stat.mode & bit) === 0) return false;
   }
   return true;
+}
+
+function portIsFree(port: number): Promise<boolean> {
+  return new Promise((resolve) => {
+    const server = net.createServer();
+    server.unref();
+    server.once('error', () => resolve(false));
+    server.listen(port, '127.0.0.1', () => server.close(() => resolve(true)));
+  });
 }
 
 function freePort(): Promise<number> {

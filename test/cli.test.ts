@@ -31,6 +31,20 @@ describe('metabatch CLI', () => {
     expect(cli.stderr()).toMatch(/shown only this once/);
   });
 
+  it('database-url: prints the URL to give psql', async () => {
+    const cli = run('node', [CLI, 'database-url'], { DATABASE_URL: db.url });
+    expect((await cli.exited).code).toBe(0);
+    expect(cli.stdout()).toBe(`${db.url}\n`);
+  });
+
+  it('agents create --json: prints one JSON line on stdout, logs on stderr only', async () => {
+    const cli = run('node', [CLI, 'agents', 'create', '--name', 'json-1', '--key', 'cpu', '--json'], { DATABASE_URL: db.url, LOG_LEVEL: 'info' });
+    expect((await cli.exited).code).toBe(0);
+    const created = JSON.parse(cli.stdout());
+    expect(created).toMatchObject({ name: 'json-1', keys: ['cpu'] });
+    expect(created.token).toMatch(/^mbt_/);
+  });
+
   it('agents create: refuses a missing --name with a usage line', async () => {
     const cli = run('node', [CLI, 'agents', 'create', '--key', 'cpu'], { DATABASE_URL: db.url });
     expect((await cli.exited).code).toBe(2);

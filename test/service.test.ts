@@ -156,6 +156,10 @@ describe('npm start with an embedded Postgres', () => {
       second = run('node', [CLI, 'serve'], env);
       await second.waitFor(/metabatch listening on/, 60_000);
       expect(second.stdout()).toMatch(/stopping an embedded Postgres left running by an earlier run/);
+      // Postgres comes back on the port it had, so a saved database URL keeps working.
+      const pgPort = (out: string) => /"port":(\d+),"msg":"embedded Postgres started"/.exec(out)?.[1];
+      expect(pgPort(second.stdout())).toBeDefined();
+      expect(pgPort(second.stdout())).toBe(pgPort(first.stdout()));
       expect((await fetch(`http://127.0.0.1:${port}/readyz`)).status).toBe(200);
       second.child.kill('SIGINT');
       expect((await second.exited).code).toBe(0);
