@@ -7,19 +7,23 @@ import type { Pool, PoolClient } from 'pg';
 import { MAX_AGENT_IDS_PER_CHUNK } from './agentIdChunks.js';
 import type { MetadataBatch, MetadataWriter, UpdateResult } from './batcher.js';
 
+/**
+ * The flush: one UPDATE from the batch's parallel arrays, which never moves a
+ * row back in time (an older collected_at loses; a tie, a retried batch, wins).
+ */
+export const guardedUpdate = `
+UPDATE workspace_agent_metadata AS wam
+SET value = m.value, error = m.error, collected_at = m.collected_at
+FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::timestamptz[])
+  AS m(workspace_agent_id, key, value, error, collected_at)
+WHERE wam.workspace_agent_id = m.workspace_agent_id
+  AND wam.key = m.key
+  AND wam.collected_at <= m.collected_at`;
+
 // Written rows grouped per agent: the statement returns one row per changed
 // agent instead of one per entry.
 const updateMetadata = `
-WITH updated AS (
-  UPDATE workspace_agent_metadata AS wam
-  SET value = m.value, error = m.error, collected_at = m.collected_at
-  FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::timestamptz[])
-    AS m(workspace_agent_id, key, value, error, collected_at)
-  WHERE wam.workspace_agent_id = m.workspace_agent_id
-    AND wam.key = m.key
-    AND wam.collected_at <= m.collected_at
-  RETURNING wam.workspace_agent_id
-)
+WITH updated AS (${guardedUpdate} RETURNING wam.workspace_agent_id)
 SELECT workspace_agent_id::text AS agent_id, count(*)::int AS written FROM updated GROUP BY 1`;
 
 // The same UPDATE that also announces the changed agents, in the original's
@@ -27,16 +31,7 @@ SELECT workspace_agent_id::text AS agent_id, count(*)::int AS written FROM updat
 // payload), built in SQL: one statement, one round trip per flush, and the
 // NOTIFYs are delivered exactly when the UPDATE commits.
 const updateMetadataAndNotify = `
-WITH updated AS (
-  UPDATE workspace_agent_metadata AS wam
-  SET value = m.value, error = m.error, collected_at = m.collected_at
-  FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::timestamptz[])
-    AS m(workspace_agent_id, key, value, error, collected_at)
-  WHERE wam.workspace_agent_id = m.workspace_agent_id
-    AND wam.key = m.key
-    AND wam.collected_at <= m.collected_at
-  RETURNING wam.workspace_agent_id
-), changed AS (
+WITH updated AS (${guardedUpdate} RETURNING wam.workspace_agent_id), changed AS (
   SELECT workspace_agent_id AS id, count(*)::int AS written FROM updated GROUP BY 1
 ), payloads AS (
   SELECT string_agg(rtrim(encode(uuid_send(id), 'base64'), '='), '') AS payload

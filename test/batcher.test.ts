@@ -2,28 +2,12 @@
 // against a real Postgres and a real LISTEN, the loop's time driven by a fake
 // clock; then the cases the original never tested.
 
-import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from 'vitest';
-import { createTestDatabase, type TestDatabase } from './support/db.js';
-import { createHarness, rowsOf, type Harness } from './support/harness.js';
+import { describe, expect, it, vi } from 'vitest';
+import { closedAfterEach, testDatabase } from './support/db.js';
+import { createHarness, rowsOf } from './support/harness.js';
 
-let db: TestDatabase;
-const harnesses: Harness[] = [];
-
-beforeAll(async () => {
-  db = await createTestDatabase();
-});
-afterAll(async () => {
-  await db.drop();
-});
-afterEach(async () => {
-  await Promise.all(harnesses.splice(0).map((h) => h.close()));
-});
-
-async function harness(options: Parameters<typeof createHarness>[1] = {}): Promise<Harness> {
-  const h = await createHarness(db, options);
-  harnesses.push(h);
-  return h;
-}
+const db = testDatabase();
+const harness = closedAfterEach((options: Parameters<typeof createHarness>[1] = {}) => createHarness(db, options));
 
 const at = (iso: string) => new Date(iso);
 const sorted = (ids: readonly string[]) => [...ids].sort();

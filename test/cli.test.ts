@@ -1,18 +1,11 @@
 // The `metabatch` command as a child process against a real database.
 
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { encodeAgentIdChunks } from '../src/agentIdChunks.js';
-import { createTestDatabase, type TestDatabase } from './support/db.js';
+import { testDatabase } from './support/db.js';
 import { CLI, run } from './support/process.js';
 
-let db: TestDatabase;
-
-beforeAll(async () => {
-  db = await createTestDatabase();
-});
-afterAll(async () => {
-  await db.drop();
-});
+const db = testDatabase();
 
 describe('metabatch CLI', () => {
   it('migrate: says the schema is up to date', async () => {

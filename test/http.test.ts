@@ -1,29 +1,13 @@
 // The HTTP API as a client sees it: every status code of DESIGN.md, and the
 // original's input rules (reference section 5.3), against a real Postgres.
 
-import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from 'vitest';
-import { createTestDatabase, type TestDatabase } from './support/db.js';
+import { describe, expect, it, vi } from 'vitest';
+import { closedAfterEach, testDatabase } from './support/db.js';
 import { ADMIN_TOKEN, createAppHarness, type AppHarness } from './support/app.js';
 import { BODY_LIMIT_BYTES } from '../src/app.js';
 
-let db: TestDatabase;
-const open: AppHarness[] = [];
-
-beforeAll(async () => {
-  db = await createTestDatabase();
-});
-afterAll(async () => {
-  await db.drop();
-});
-afterEach(async () => {
-  await Promise.all(open.splice(0).map((h) => h.close()));
-});
-
-async function appHarness(options: Parameters<typeof createAppHarness>[1] = {}): Promise<AppHarness> {
-  const h = await createAppHarness(db, options);
-  open.push(h);
-  return h;
-}
+const db = testDatabase();
+const appHarness = closedAfterEach((options: Parameters<typeof createAppHarness>[1] = {}) => createAppHarness(db, options));
 
 async function stored(h: AppHarness, agentId: string): Promise<Record<string, { value: string; error: string; collected_at: string }>> {
   const res = await h.app.inject({ url: `/v1/agents/${agentId}/metadata`, headers: { authorization: `Bearer ${ADMIN_TOKEN}` } });

@@ -5,29 +5,13 @@
 import net from 'node:net';
 import { Writable } from 'node:stream';
 import fc from 'fast-check';
-import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { createLogger } from '../src/logger.js';
-import { ADMIN_TOKEN, createAppHarness, type AppHarness } from './support/app.js';
-import { createTestDatabase, type TestDatabase } from './support/db.js';
+import { ADMIN_TOKEN, createAppHarness } from './support/app.js';
+import { closedAfterEach, testDatabase } from './support/db.js';
 
-let db: TestDatabase;
-const open: AppHarness[] = [];
-
-beforeAll(async () => {
-  db = await createTestDatabase();
-});
-afterAll(async () => {
-  await db.drop();
-});
-afterEach(async () => {
-  await Promise.all(open.splice(0).map((h) => h.close()));
-});
-
-async function appHarness(options: Parameters<typeof createAppHarness>[1] = {}): Promise<AppHarness> {
-  const h = await createAppHarness(db, options);
-  open.push(h);
-  return h;
-}
+const db = testDatabase();
+const appHarness = closedAfterEach((options: Parameters<typeof createAppHarness>[1] = {}) => createAppHarness(db, options));
 
 // Bodies near the valid shape, where the bugs live, and arbitrary JSON.
 const item = fc.record(

@@ -31,7 +31,7 @@ class NaiveSink implements MetadataSink {
     private readonly channel: string,
   ) {}
 
-  async add(agentId: string, keys: readonly string[], values: readonly string[], errors: readonly string[], collectedAts: readonly Date[]): Promise<AddResult> {
+  async add(...[agentId, keys, values, errors, collectedAts]: Parameters<MetadataSink['add']>): Promise<AddResult> {
     await this.pool.query(updateOneAgent, [agentId, keys, values, errors, collectedAts]);
     await this.pool.query(notifyOne, [this.channel, encodeAgentId(agentId)]);
     return { accepted: keys.length, dropped: 0 };

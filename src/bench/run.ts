@@ -18,7 +18,7 @@ import { createPool, migrate } from '../database.js';
 import { EmbeddedPostgres } from '../embedded.js';
 import { createLogger } from '../logger.js';
 import { BatcherMetrics } from '../metrics.js';
-import { hashToken, MetadataStore } from '../store.js';
+import { guardedUpdate, hashToken, MetadataStore } from '../store.js';
 import type { LoadConfig, LoadResult } from './loadgen.js';
 import { round, summarize, type Summary } from './stats.js';
 
@@ -211,15 +211,6 @@ async function provision(pool: pg.Pool, count: number, keys: string[], file: str
 
 // ---------------------------------------------------------------- flush
 
-// The raw limit: the same guarded UPDATE … FROM unnest, alone (no RETURNING,
-// no NOTIFY, no batcher), sent directly with pg.
-const rawUpdate = `
-UPDATE workspace_agent_metadata AS wam
-SET value = m.value, error = m.error, collected_at = m.collected_at
-FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::timestamptz[])
-  AS m(workspace_agent_id, key, value, error, collected_at)
-WHERE wam.workspace_agent_id = m.workspace_agent_id AND wam.key = m.key AND wam.collected_at <= m.collected_at`;
-
 /**
  * Rows/s of the raw UPDATE at BATCH_SIZE, sent directly with pg, against our
  * whole flush path (the batcher's merge, its arrays, the guarded UPDATE that
@@ -269,7 +260,8 @@ async function flushLimits(context: Context) {
     for (let i = 0; i < perBlock; i++) {
       const b = batchAt(batchNumber++);
       const s = performance.now();
-      await pool.query(rawUpdate, [b.agentIds, b.keys, b.values, b.errors, b.collectedAts]);
+      // The raw limit: the same guarded UPDATE … FROM unnest, alone (no RETURNING, no NOTIFY, no batcher).
+      await pool.query(guardedUpdate, [b.agentIds, b.keys, b.values, b.errors, b.collectedAts]);
       rawDurations.push(performance.now() - s);
     }
     rawMs += performance.now() - t0;

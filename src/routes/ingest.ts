@@ -2,7 +2,7 @@
 // 202 when every key was queued, 429 with Retry-After when some were refused.
 
 import type { FastifyPluginAsync } from 'fastify';
-import { BatcherClosedError, type AddResult } from '../batcher.js';
+import { BatcherClosedError, type AddResult, type Batcher } from '../batcher.js';
 import { MAX_ALL_KEYS_BYTES, MAX_KEY_CHARS, normalizeReport, type ReportItem } from '../report.js';
 import { HttpError, type Authenticate } from '../app.js';
 
@@ -30,13 +30,7 @@ const reportSchema = {
 
 /** Where reports go: the Batcher; the benchmark's naive mode writes at once instead. */
 export interface MetadataSink {
-  add(
-    agentId: string,
-    keys: readonly string[],
-    values: readonly string[],
-    errors: readonly string[],
-    collectedAts: readonly Date[],
-  ): AddResult | Promise<AddResult>;
+  add(...report: Parameters<Batcher['add']>): AddResult | Promise<AddResult>;
   readonly retryAfterSeconds: number;
 }
 

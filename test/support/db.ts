@@ -3,7 +3,7 @@
 
 import { randomBytes, randomUUID } from 'node:crypto';
 import pg from 'pg';
-import { inject } from 'vitest';
+import { afterAll, afterEach, beforeAll, inject } from 'vitest';
 import { createPool } from '../../src/database.js';
 import { createLogger } from '../../src/logger.js';
 import { TEMPLATE_DATABASE, withDatabase } from './globalSetup.js';
@@ -55,5 +55,48 @@ export async function createTestDatabase(): Promise<TestDatabase> {
         await dropper.end();
       }
     },
+  };
+}
+
+/**
+ * This test file's database, created before its tests and dropped after
+ * them. Use it at the top level of a test file.
+ */
+export function testDatabase(): TestDatabase {
+  let current: TestDatabase | undefined;
+  beforeAll(async () => {
+    current = await createTestDatabase();
+  });
+  afterAll(async () => {
+    await current?.drop();
+  });
+  const get = (): TestDatabase => {
+    if (!current) throw new Error('the test database exists only while the tests run');
+    return current;
+  };
+  return {
+    get url() {
+      return get().url;
+    },
+    get pool() {
+      return get().pool;
+    },
+    createAgents: (count, keys) => get().createAgents(count, keys),
+    drop: () => get().drop(),
+  };
+}
+
+/** Wraps a factory so that whatever it made in a test is closed after that test. */
+export function closedAfterEach<A extends unknown[], T extends { close(): Promise<void> }>(
+  create: (...args: A) => Promise<T>,
+): (...args: A) => Promise<T> {
+  const open: T[] = [];
+  afterEach(async () => {
+    await Promise.all(open.splice(0).map((item) => item.close()));
+  });
+  return async (...args) => {
+    const item = await create(...args);
+    open.push(item);
+    return item;
   };
 }
