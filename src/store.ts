@@ -22,7 +22,7 @@ WHERE wam.workspace_agent_id = m.workspace_agent_id
 
 // Written rows grouped per agent: the statement returns one row per changed
 // agent instead of one per entry.
-const updateMetadata = `
+export const updateMetadataReturningAgents = `
 WITH updated AS (${guardedUpdate} RETURNING wam.workspace_agent_id)
 SELECT workspace_agent_id::text AS agent_id, count(*)::int AS written FROM updated GROUP BY 1`;
 
@@ -144,7 +144,7 @@ export class MetadataStore implements MetadataWriter {
     const announce = this.notifyChannel !== undefined;
     if (announce) params.push(this.notifyChannel);
     const { rows } = await this.pool.query<{ agent_id: string; written: number; payloads?: number }>(
-      announce ? updateMetadataAndNotify : updateMetadata,
+      announce ? updateMetadataAndNotify : updateMetadataReturningAgents,
       params,
     );
     let written = 0;
