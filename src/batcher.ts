@@ -414,7 +414,12 @@ export class Batcher {
   private startFlush(reason: FlushReason): void {
     this.clock.clearTimeout(this.flushTimer);
     this.clock.clearTimeout(this.retryTimer);
-    this.inFlight = this.flush(reason).then(() => {
+    const attempt = this.flush(reason).catch((err: unknown) => {
+      // flush() handles its own failures; this is a bug's last line of defence.
+      this.log.error({ err, reason }, 'unexpected error in the flush; the batch is kept');
+      this.mode = Mode.backoff;
+    });
+    this.inFlight = attempt.then(() => {
       this.inFlight = undefined;
       if (this.closing) return;
       if (this.mode === Mode.backoff) {
