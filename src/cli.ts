@@ -190,7 +190,9 @@ async function watch(config: Config, log: Logger, args: string[]): Promise<numbe
       }
       const now = Date.now();
       for (const row of rows.map((r) => toView(r, now))) {
-        process.stdout.write(`  ${row.key}=${JSON.stringify(row.value)}${row.error ? ` error=${JSON.stringify(row.error)}` : ''} age=${row.age}s\n`);
+        // The original's "never collected" is the year 1.
+        const age = row.collected_at.startsWith('0001-') ? 'never reported' : `age=${row.age}s`;
+        process.stdout.write(`  ${row.key}=${JSON.stringify(row.value)}${row.error ? ` error=${JSON.stringify(row.error)}` : ''} ${age}\n`);
       }
     };
     const subscription = await subscribe({

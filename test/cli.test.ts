@@ -49,6 +49,7 @@ describe('metabatch CLI', () => {
     const watch = run('node', [CLI, 'watch', '--agent', agent!], { DATABASE_URL: db.url, LOG_LEVEL: 'warn' });
     try {
       await watch.waitFor(/listening on workspace_agent_metadata_batch/);
+      await watch.waitFor(/ {2}cpu="" never reported\n/);
       await db.pool.query(`UPDATE workspace_agent_metadata SET value = '42%', collected_at = now() WHERE workspace_agent_id = $1`, [agent]);
       await db.pool.query(`SELECT pg_notify('workspace_agent_metadata_batch', $1)`, [encodeAgentIdChunks([agent!, other!])[0]]);
       await watch.waitFor(new RegExp(`batch agents=2 ${agent} ${other}\\n`));
