@@ -134,6 +134,15 @@ export class WatchHub {
     return watcher;
   }
 
+  /**
+   * The agent's rows as last read for its watchers, when no batch has named
+   * it since: a new watcher of an agent already watched needs no query.
+   */
+  cachedRows(agentId: string): MetadataRow[] | undefined {
+    const watched = this.agents.get(agentId);
+    return watched && !watched.dirty ? watched.rows : undefined;
+  }
+
   /** Connects the watcher to its client and sends the list read for it. */
   attach(watcher: Watcher, sink: WatchSink, rows: MetadataRow[]): void {
     if (this.closed) {

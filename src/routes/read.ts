@@ -32,7 +32,7 @@ export const readRoutes: FastifyPluginAsync<{
       const watcher = watchHub.add(agentId);
       let rows;
       try {
-        rows = await store.getMetadata(agentId);
+        rows = watchHub.cachedRows(agentId) ?? (await store.getMetadata(agentId));
       } catch (err) {
         watchHub.remove(watcher);
         throw err;

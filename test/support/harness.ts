@@ -23,6 +23,13 @@ export class ObservedStore extends MetadataStore {
   failures = 0;
   gate: Promise<void> | undefined;
 
+  metadataReads = 0;
+
+  override async getMetadata(agentId: string) {
+    this.metadataReads++;
+    return super.getMetadata(agentId);
+  }
+
   override async updateMetadata(batch: MetadataBatch): Promise<UpdateResult> {
     this.calls.push(batch);
     if (this.gate) await this.gate;
