@@ -164,18 +164,26 @@ function adminMatches(adminToken: string | undefined, token: string | undefined)
   return adminToken !== undefined && token !== undefined && secretsEqual(token, adminToken);
 }
 
-/** Sets the caller to the token's agent: 401 for an unknown token, 403 for another agent's. */
-function asAgent(request: FastifyRequest, agentId: string | undefined, owner: string | undefined, unknown: string): void {
-  if (owner === undefined) throw new HttpError(401, unknown);
-  if (owner !== agentId) throw new HttpError(403, 'this token belongs to another agent');
-  request.caller = { kind: 'agent', agentId: owner };
-}
-
-/** The token's agent, now when cached, else from the database (503 when it cannot answer). */
-function lookup(auth: AgentAuthenticator, token: string): string | undefined | Promise<string | undefined> {
+/**
+ * Sets the caller to the token's agent: 401 for an unknown token, 403 for
+ * another agent's, 503 when the database cannot answer. Synchronous when the
+ * token is cached, a promise when it must be looked up.
+ */
+function asTokenAgent(
+  request: FastifyRequest,
+  auth: AgentAuthenticator,
+  token: string,
+  agentId: string | undefined,
+  unknown: string,
+): void | Promise<void> {
+  const accept = (owner: string | undefined): void => {
+    if (owner === undefined) throw new HttpError(401, unknown);
+    if (owner !== agentId) throw new HttpError(403, 'this token belongs to another agent');
+    request.caller = { kind: 'agent', agentId: owner };
+  };
   const owner = auth.agentForToken(token);
-  if (!(owner instanceof Promise)) return owner;
-  return owner.catch(() => {
+  if (!(owner instanceof Promise)) return accept(owner);
+  return owner.then(accept, () => {
     throw new HttpError(503, 'database unavailable: could not check the token, retry later');
   });
 }
@@ -186,9 +194,7 @@ function agentOnly(auth: AgentAuthenticator): Authenticate {
     const agentId = requireAgentIdParam(request);
     const token = bearerToken(request.headers.authorization);
     if (token === undefined) throw new HttpError(401, 'missing agent token: send Authorization: Bearer <token>');
-    const owner = lookup(auth, token);
-    if (owner instanceof Promise) return owner.then((id) => asAgent(request, agentId, id, 'invalid agent token'));
-    asAgent(request, agentId, owner, 'invalid agent token');
+    return asTokenAgent(request, auth, token, agentId, 'invalid agent token');
   });
 }
 
@@ -212,8 +218,6 @@ function adminOrAgent(adminToken: string | undefined, auth: AgentAuthenticator):
       request.caller = { kind: 'admin' };
       return;
     }
-    const owner = lookup(auth, token);
-    if (owner instanceof Promise) return owner.then((id) => asAgent(request, agentId, id, 'invalid token'));
-    asAgent(request, agentId, owner, 'invalid token');
+    return asTokenAgent(request, auth, token, agentId, 'invalid token');
   });
 }
