@@ -131,7 +131,8 @@ export class EmbeddedPostgres {
   private async portToUse(): Promise<number> {
     const file = path.join(this.home, 'postgres-port');
     const last = Number.parseInt(await fs.readFile(file, 'utf8').catch(() => ''), 10);
-    const port = Number.isSafeInteger(last) && (await portIsFree(last)) ? last : await freePort();
+    const port = (Number.isSafeInteger(last) ? await bindPort(last) : undefined) ?? (await bindPort(0));
+    if (port === undefined) throw new EmbeddedPostgresError('no free TCP port on 127.0.0.1 for the embedded Postgres');
     await fs.writeFile(file, `${port}\n`);
     return port;
   }
@@ -352,23 +353,15 @@ async function reachable(target: string, account: Account): Promise<boolean> {
   return true;
 }
 
-function portIsFree(port: number): Promise<boolean> {
+/** Binds `port` on 127.0.0.1 for a moment (0: any free one); the port bound, or undefined if taken. */
+function bindPort(port: number): Promise<number | undefined> {
   return new Promise((resolve) => {
     const server = net.createServer();
     server.unref();
-    server.once('error', () => resolve(false));
-    server.listen(port, '127.0.0.1', () => server.close(() => resolve(true)));
-  });
-}
-
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const server = net.createServer();
-    server.unref();
-    server.on('error', reject);
-    server.listen(0, '127.0.0.1', () => {
-      const { port } = server.address() as net.AddressInfo;
-      server.close(() => resolve(port));
+    server.once('error', () => resolve(undefined));
+    server.listen(port, '127.0.0.1', () => {
+      const bound = (server.address() as net.AddressInfo).port;
+      server.close(() => resolve(bound));
     });
   });
 }
