@@ -377,6 +377,11 @@ async function startServer(kind: 'service' | 'raw' | 'naive', context: Context, 
   };
 }
 
+/** How much each series of a /metrics scrape grew since an earlier one. */
+function since(before: Map<string, number>, after: Map<string, number>): (series: string) => number {
+  return (series) => (after.get(series) ?? 0) - (before.get(series) ?? 0);
+}
+
 async function load(context: Context, url: string, config: Partial<LoadConfig> & Pick<LoadConfig, 'mode'>): Promise<LoadResult> {
   const full: LoadConfig = {
     baseUrl: url,
@@ -452,10 +457,10 @@ async function ingestLimits(context: Context) {
         generatorMs: round((generator * 1000) / requests, 1),
       };
     };
-    const after = await ours.metrics();
+    const delta = since(before, await ours.metrics());
     const oursEntry: Record<string, unknown> = summarizeLoad(pool(runs.ours));
     for (const name of ['metabatch_database_statements_total', 'metabatch_metadata_flushed_total', 'metabatch_metadata_dropped_keys_total']) {
-      oursEntry[name.replace('metabatch_', '')] = (after.get(name) ?? 0) - (before.get(name) ?? 0);
+      oursEntry[name.replace('metabatch_', '')] = delta(name);
     }
     const rawEntry = summarizeLoad(pool(runs.raw));
     const perRound = runs.ours.map((run, i) => round(run.requestsPerSecond / runs.raw[i]!.requestsPerSecond, 3));
@@ -585,7 +590,7 @@ async function steady(context: Context) {
       // The last partial batch flushes on the timer.
       await sleep(options.flushIntervalMs + 200);
       const after = await server.metrics();
-      const delta = (name: string) => (after.get(name) ?? 0) - (before.get(name) ?? 0);
+      const delta = since(before, after);
       const sent = delta('metabatch_database_statements_total');
       const entry: Record<string, unknown> = {
         ...summarizeLoad(run),
@@ -729,8 +734,7 @@ async function burst(context: Context) {
     // Until every accepted key has been flushed.
     let drainedMs = 0;
     for (let i = 0; i < 400; i++) {
-      const after = await server.metrics();
-      const flushed = (after.get('metabatch_metadata_flushed_total') ?? 0) - (before.get('metabatch_metadata_flushed_total') ?? 0);
+      const flushed = since(before, await server.metrics())('metabatch_metadata_flushed_total');
       if (flushed >= run.keysAccepted) {
         drainedMs = performance.now() - t0;
         break;
@@ -763,10 +767,8 @@ async function overload(context: Context) {
     const before = await server.metrics();
     const run = await load(context, server.url, { mode: 'closed', concurrency: 256, durationMs: 600_000, requests, firstRound: 3_000_000 });
     await sleep(context.options.flushIntervalMs + 200);
-    const after = await server.metrics();
-    const droppedByService =
-      (after.get('metabatch_metadata_dropped_keys_total') ?? 0) - (before.get('metabatch_metadata_dropped_keys_total') ?? 0) +
-      (after.get('metabatch_metadata_held_limit_refused_keys_total') ?? 0) - (before.get('metabatch_metadata_held_limit_refused_keys_total') ?? 0);
+    const delta = since(before, await server.metrics());
+    const droppedByService = delta('metabatch_metadata_dropped_keys_total') + delta('metabatch_metadata_held_limit_refused_keys_total');
     return {
       ...summarizeLoad(run),
       channelCapacity: BATCH_SIZE * 5,
