@@ -61,8 +61,10 @@ export class HttpError extends Error {
 
 export function buildApp(deps: AppDependencies): FastifyInstance {
   const timeouts = { ...DEFAULT_TIMEOUTS, ...deps.timeouts };
+  // Fastify's own logger type: routes log through request.log.
+  const loggerInstance: FastifyBaseLogger = deps.logger;
   const app = Fastify({
-    loggerInstance: deps.logger as FastifyBaseLogger,
+    loggerInstance,
     bodyLimit: BODY_LIMIT_BYTES,
     requestTimeout: timeouts.requestMs,
     connectionTimeout: timeouts.idleMs,
@@ -89,7 +91,12 @@ export function buildApp(deps: AppDependencies): FastifyInstance {
   if (deps.logger.isLevelEnabled('debug')) {
     app.addHook('onResponse', (request, reply, done) => {
       deps.logger.debug(
-        { method: request.method, url: request.routeOptions.url, status: reply.statusCode, ms: Math.round(reply.elapsedTime) },
+        {
+          method: request.method,
+          url: request.routeOptions.url,
+          status: reply.statusCode,
+          ms: Math.round(reply.elapsedTime),
+        },
         'request',
       );
       done();
@@ -156,7 +163,8 @@ function refuseOversizeBody(request: FastifyRequest): void {
 
 function requireAgentIdParam(request: FastifyRequest): string | undefined {
   const agentId = (request.params as { agentId?: string }).agentId;
-  if (agentId !== undefined && !isUuid(agentId)) throw new HttpError(400, `agentId must be a UUID (got ${JSON.stringify(agentId)})`);
+  if (agentId !== undefined && !isUuid(agentId))
+    throw new HttpError(400, `agentId must be a UUID (got ${JSON.stringify(agentId)})`);
   return agentId?.toLowerCase();
 }
 
@@ -213,7 +221,8 @@ function adminOrAgent(adminToken: string | undefined, auth: AgentAuthenticator):
   return hook((request) => {
     const agentId = requireAgentIdParam(request);
     const token = bearerToken(request.headers.authorization);
-    if (token === undefined) throw new HttpError(401, 'missing token: send Authorization: Bearer <admin or agent token>');
+    if (token === undefined)
+      throw new HttpError(401, 'missing token: send Authorization: Bearer <admin or agent token>');
     if (adminMatches(adminToken, token)) {
       request.caller = { kind: 'admin' };
       return;

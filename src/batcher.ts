@@ -269,7 +269,10 @@ export class Batcher {
    * yet commit; replaying its entries later is harmless.
    */
   abandon(): MetadataBatch {
-    this.closing ??= Promise.resolve({ flushed: false, held: { agentIds: [], keys: [], values: [], errors: [], collectedAts: [] } });
+    this.closing ??= Promise.resolve({
+      flushed: false,
+      held: { agentIds: [], keys: [], values: [], errors: [], collectedAts: [] },
+    });
     this.clock.clearTimeout(this.flushTimer);
     this.clock.clearTimeout(this.retryTimer);
     this.clock.clearTimeout(this.publishTimer);
@@ -296,7 +299,10 @@ export class Batcher {
       flushed = this.heldCount === 0 && this.pendingAnnounce.size === 0;
       if (!flushed) {
         // A failed UPDATE keeps the batch; a failed NOTIFY keeps the ids. Wait, then try again.
-        const delay = Math.min(this.mode === Mode.backoff ? this.flushBackoff.next() : this.publishBackoff.next(), remaining);
+        const delay = Math.min(
+          this.mode === Mode.backoff ? this.flushBackoff.next() : this.publishBackoff.next(),
+          remaining,
+        );
         await new Promise<void>((resolve) => this.clock.setTimeout(resolve, delay));
         this.drainAll();
       }
@@ -304,7 +310,10 @@ export class Batcher {
     this.mode = Mode.closed;
     const held = this.snapshot();
     if (held.keys.length > 0) {
-      this.log.error({ count: held.keys.length }, 'final flush did not reach the database before FINAL_FLUSH_TIMEOUT_MS');
+      this.log.error(
+        { count: held.keys.length },
+        'final flush did not reach the database before FINAL_FLUSH_TIMEOUT_MS',
+      );
     }
     return { flushed: held.keys.length === 0, held };
   }
@@ -464,7 +473,10 @@ export class Batcher {
         return;
       }
       if (!this.databaseUp) {
-        this.log.info({ attempts: this.flushBackoff.attempts, count }, 'metadata UPDATE succeeded again; database recovered');
+        this.log.info(
+          { attempts: this.flushBackoff.attempts, count },
+          'metadata UPDATE succeeded again; database recovered',
+        );
         this.flushBackoff.reset();
       }
       // Written: the batch can go. Nothing merged into it meanwhile (the loop
@@ -519,10 +531,16 @@ export class Batcher {
       this.publishBackoff.reset();
     } catch (err) {
       this.metrics.publishErrorsTotal.inc();
-      this.log.error({ err, agents: ids.length, count }, 'failed to publish workspace agent metadata batch; will retry');
+      this.log.error(
+        { err, agents: ids.length, count },
+        'failed to publish workspace agent metadata batch; will retry',
+      );
       for (const id of ids) {
         if (this.pendingAnnounce.size >= MAX_PENDING_ANNOUNCE) {
-          this.log.warn({ limit: MAX_PENDING_ANNOUNCE }, 'too many agents waiting for a NOTIFY retry; forgetting the rest');
+          this.log.warn(
+            { limit: MAX_PENDING_ANNOUNCE },
+            'too many agents waiting for a NOTIFY retry; forgetting the rest',
+          );
           break;
         }
         this.pendingAnnounce.add(id);

@@ -74,7 +74,10 @@ async function main(argv: string[]): Promise<number> {
 /** Runs `work` against DATABASE_URL, the running service's embedded Postgres, or one started for the occasion. */
 async function withDatabase(config: Config, log: Logger, work: (url: string) => Promise<number>): Promise<number> {
   if (config.databaseUrl) return work(config.databaseUrl);
-  const embedded = new EmbeddedPostgres({ dataDir: config.dataDir, log: log.child({ component: 'embedded-postgres' }) });
+  const embedded = new EmbeddedPostgres({
+    dataDir: config.dataDir,
+    log: log.child({ component: 'embedded-postgres' }),
+  });
   const running = await embedded.runningUrl();
   if (running) return work(running);
   const url = await embedded.start();
@@ -143,7 +146,8 @@ async function agents(config: Config, log: Logger, args: string[]): Promise<numb
   if (name.length > 127) throw new UsageError('--name must be at most 127 characters');
   const keys = values.key ?? [];
   for (const key of keys) {
-    if (key.length < 1 || key.length > 127) throw new UsageError(`--key must be 1 to 127 characters (got ${JSON.stringify(key)})`);
+    if (key.length < 1 || key.length > 127)
+      throw new UsageError(`--key must be 1 to 127 characters (got ${JSON.stringify(key)})`);
   }
   if (new Set(keys).size !== keys.length) throw new UsageError('--key values must differ');
   return withDatabase(config, log, async (url) => {
@@ -154,12 +158,21 @@ async function agents(config: Config, log: Logger, args: string[]): Promise<numb
       const agent = await store.createAgent(name);
       await store.putDefinitions(
         agent.id,
-        keys.map((key, index) => ({ key, display_name: key, script: '', interval: 0, timeout: 0, display_order: index })),
+        keys.map((key, index) => ({
+          key,
+          display_name: key,
+          script: '',
+          interval: 0,
+          timeout: 0,
+          display_order: index,
+        })),
       );
       if (values.json) {
         process.stdout.write(`${JSON.stringify({ id: agent.id, name: agent.name, token: agent.token, keys })}\n`);
       } else {
-        process.stdout.write(`id: ${agent.id}\nname: ${agent.name}\ntoken: ${agent.token}\nkeys: ${keys.join(', ') || '(none)'}\n`);
+        process.stdout.write(
+          `id: ${agent.id}\nname: ${agent.name}\ntoken: ${agent.token}\nkeys: ${keys.join(', ') || '(none)'}\n`,
+        );
         process.stderr.write('The token is shown only this once: give it to the agent now.\n');
       }
     } finally {
@@ -172,7 +185,8 @@ async function agents(config: Config, log: Logger, args: string[]): Promise<numb
 async function watch(config: Config, log: Logger, args: string[]): Promise<number> {
   const { values } = parseArgs({ args, options: { agent: { type: 'string' } }, strict: true });
   const agentId = values.agent?.toLowerCase();
-  if (agentId !== undefined && !isUuid(agentId)) throw new UsageError(`--agent must be a UUID (got ${JSON.stringify(values.agent)})`);
+  if (agentId !== undefined && !isUuid(agentId))
+    throw new UsageError(`--agent must be a UUID (got ${JSON.stringify(values.agent)})`);
   // Listen for Ctrl-C first, so that one arriving during start-up is not fatal.
   const interrupted = new Promise<void>((resolve) => {
     process.once('SIGINT', resolve);
@@ -192,7 +206,9 @@ async function watch(config: Config, log: Logger, args: string[]): Promise<numbe
       for (const row of rows.map((r) => toView(r, now))) {
         // The original's "never collected" is the year 1.
         const age = row.collected_at.startsWith('0001-') ? 'never reported' : `age=${row.age}s`;
-        process.stdout.write(`  ${row.key}=${JSON.stringify(row.value)}${row.error ? ` error=${JSON.stringify(row.error)}` : ''} ${age}\n`);
+        process.stdout.write(
+          `  ${row.key}=${JSON.stringify(row.value)}${row.error ? ` error=${JSON.stringify(row.error)}` : ''} ${age}\n`,
+        );
       }
     };
     const subscription = await subscribe({
@@ -200,7 +216,8 @@ async function watch(config: Config, log: Logger, args: string[]): Promise<numbe
       channel: config.notifyChannel,
       onBatch: (ids) => {
         process.stdout.write(`${new Date().toISOString()} batch agents=${ids.length} ${ids.join(' ')}\n`);
-        if (agentId && ids.includes(agentId)) printAgent().catch((err: Error) => log.warn({ err }, 'could not read the agent'));
+        if (agentId && ids.includes(agentId))
+          printAgent().catch((err: Error) => log.warn({ err }, 'could not read the agent'));
       },
       onResync: () => {
         process.stdout.write(`${new Date().toISOString()} reconnected: batches may have been missed\n`);

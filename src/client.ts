@@ -16,11 +16,11 @@ export interface SubscribeOptions {
   /** NOTIFY channel; default `workspace_agent_metadata_batch`. */
   channel?: string;
   /** The agents (lower-case UUIDs) a batch changed; one call per NOTIFY payload. */
-  onBatch(agentIds: string[]): void;
+  onBatch: (agentIds: string[]) => void;
   /** After a reconnect (not the first connect), before further batches: batches may have been missed. */
-  onResync?(): void;
+  onResync?: () => void;
   /** Connection problems and undecodable payloads; the subscription carries on. Default: ignored. */
-  onError?(err: Error): void;
+  onError?: (err: Error) => void;
   /** application_name of the connection, as pg_stat_activity shows it. Default `metabatch-listener`. */
   applicationName?: string;
 }

@@ -116,8 +116,13 @@ export class EmbeddedPostgres {
     ].join(' ');
     const started = await this.pgCtl(['start', '-w', '-t', '60', '-D', this.pgdata, '-l', logFile, '-o', options]);
     if (started.code !== 0) {
-      const tail = await fs.readFile(logFile, 'utf8').then((text) => text.trim().split('\n').slice(-5).join(' | '), () => '');
-      throw new EmbeddedPostgresError(`embedded Postgres did not start (pg_ctl: ${started.output.trim()}; log ${logFile}: ${tail})`);
+      const tail = await fs.readFile(logFile, 'utf8').then(
+        (text) => text.trim().split('\n').slice(-5).join(' | '),
+        () => '',
+      );
+      throw new EmbeddedPostgresError(
+        `embedded Postgres did not start (pg_ctl: ${started.output.trim()}; log ${logFile}: ${tail})`,
+      );
     }
     this.started = true;
     const admin = `postgres://postgres:${encodeURIComponent(password)}@127.0.0.1:${port}`;
@@ -142,7 +147,8 @@ export class EmbeddedPostgres {
     this.stopping ??= (async () => {
       if (!this.started) return;
       const stopped = await this.pgCtl(['stop', '-w', '-t', '60', '-m', 'fast', '-D', this.pgdata]);
-      if (stopped.code !== 0) this.log.warn({ output: stopped.output.trim() }, 'embedded Postgres did not stop cleanly');
+      if (stopped.code !== 0)
+        this.log.warn({ output: stopped.output.trim() }, 'embedded Postgres did not stop cleanly');
       else this.log.info('embedded Postgres stopped');
       await fs.rm(path.join(this.home, 'owner.pid'), { force: true });
     })();
@@ -189,7 +195,9 @@ export class EmbeddedPostgres {
     const pgdata = this.pgdata;
     const entries = await fs.readdir(pgdata).catch(() => []);
     if (entries.length > 0) {
-      throw new EmbeddedPostgresError(`${pgdata} is not empty but holds no Postgres cluster (no PG_VERSION): move it away or set DATA_DIR elsewhere`);
+      throw new EmbeddedPostgresError(
+        `${pgdata} is not empty but holds no Postgres cluster (no PG_VERSION): move it away or set DATA_DIR elsewhere`,
+      );
     }
     await fs.mkdir(pgdata, { recursive: true, mode: 0o700 });
     const pwfile = path.join(this.home, `initdb-password-${randomBytes(6).toString('hex')}`);
@@ -200,7 +208,15 @@ export class EmbeddedPostgres {
         await fs.chown(pwfile, this.account.uid, this.account.gid);
       }
       const result = await this.exec(this.binaries!.initdb, [
-        '-D', pgdata, '-U', 'postgres', '--auth=scram-sha-256', `--pwfile=${pwfile}`, '-E', 'UTF8', '--no-locale',
+        '-D',
+        pgdata,
+        '-U',
+        'postgres',
+        '--auth=scram-sha-256',
+        `--pwfile=${pwfile}`,
+        '-E',
+        'UTF8',
+        '--no-locale',
       ]);
       if (result.code !== 0) throw new EmbeddedPostgresError(`initdb failed: ${result.output.trim()}`);
       this.log.info({ pgdata }, 'embedded Postgres cluster created');
@@ -253,9 +269,7 @@ export class EmbeddedPostgres {
       let output = '';
       child.stdout.on('data', (chunk: Buffer) => (output += chunk.toString()));
       child.stderr.on('data', (chunk: Buffer) => (output += chunk.toString()));
-      child.on('error', (err) =>
-        reject(new EmbeddedPostgresError(`could not run ${file}: ${err.message}`)),
-      );
+      child.on('error', (err) => reject(new EmbeddedPostgresError(`could not run ${file}: ${err.message}`)));
       child.on('close', (code) => resolve({ code: code ?? 1, output }));
     });
   }
@@ -309,7 +323,9 @@ async function reachableBinaries(account: Account | undefined, log: Logger): Pro
     const { initdb, pg_ctl, postgres } = (await import(name)) as Binaries;
     binaries = { initdb, pg_ctl, postgres };
   } catch {
-    throw new EmbeddedPostgresError(`no embedded Postgres for ${os.platform()}-${os.arch()} (${name} is not installed): set DATABASE_URL`);
+    throw new EmbeddedPostgresError(
+      `no embedded Postgres for ${os.platform()}-${os.arch()} (${name} is not installed): set DATABASE_URL`,
+    );
   }
   if (!existsSync(binaries.postgres)) {
     throw new EmbeddedPostgresError(`${binaries.postgres} is missing: run npm ci (without --ignore-scripts)`);

@@ -38,7 +38,10 @@ export interface Service {
 /** The database to use: DATABASE_URL, or an embedded Postgres under DATA_DIR. */
 export async function openDatabase(config: Config, log: Logger): Promise<{ url: string; embedded?: EmbeddedPostgres }> {
   if (config.databaseUrl) return { url: config.databaseUrl };
-  const embedded = new EmbeddedPostgres({ dataDir: config.dataDir, log: log.child({ component: 'embedded-postgres' }) });
+  const embedded = new EmbeddedPostgres({
+    dataDir: config.dataDir,
+    log: log.child({ component: 'embedded-postgres' }),
+  });
   return { url: await embedded.start(), embedded };
 }
 
@@ -54,7 +57,11 @@ export async function startService(config: Config, log: Logger): Promise<Service
     const store = new MetadataStore(pool, { notifyChannel: config.notifyChannel });
 
     const replayed = await replaySpill(config.dataDir, store);
-    if (replayed > 0) log.info({ entries: replayed, file: spillPath(config.dataDir) }, 'replayed metadata spilled at the last shutdown');
+    if (replayed > 0)
+      log.info(
+        { entries: replayed, file: spillPath(config.dataDir) },
+        'replayed metadata spilled at the last shutdown',
+      );
 
     const batcher = new Batcher({
       store,
@@ -106,7 +113,10 @@ export async function startService(config: Config, log: Logger): Promise<Service
     // Open watch streams would keep app.close() waiting forever.
     app.addHook('preClose', async () => watchHub.close());
     const address = await app.listen({ host: config.host, port: config.port });
-    log.info({ address, embedded: embedded !== undefined, channel: config.notifyChannel }, `metabatch listening on ${address}`);
+    log.info(
+      { address, embedded: embedded !== undefined, channel: config.notifyChannel },
+      `metabatch listening on ${address}`,
+    );
 
     let stopping: Promise<CloseResult & { spillFile?: string }> | undefined;
     const stop = () =>
@@ -118,7 +128,10 @@ export async function startService(config: Config, log: Logger): Promise<Service
         let spillFile: string | undefined;
         if (!result.flushed) {
           spillFile = await writeSpill(config.dataDir, result.held);
-          log.error({ entries: result.held.keys.length, file: spillFile }, 'database unreachable at shutdown: held metadata written to the spill file; it is replayed at the next start');
+          log.error(
+            { entries: result.held.keys.length, file: spillFile },
+            'database unreachable at shutdown: held metadata written to the spill file; it is replayed at the next start',
+          );
         }
         await listener.close();
         await activePool.end();
@@ -131,7 +144,10 @@ export async function startService(config: Config, log: Logger): Promise<Service
       let file: string | undefined;
       if (held.keys.length > 0) {
         file = await writeSpill(config.dataDir, held);
-        log.error({ entries: held.keys.length, file }, 'second signal: held metadata written to the spill file without flushing');
+        log.error(
+          { entries: held.keys.length, file },
+          'second signal: held metadata written to the spill file without flushing',
+        );
       }
       await embedded?.stop();
       return file;

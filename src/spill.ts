@@ -55,7 +55,8 @@ async function readSpill(dataDir: string): Promise<SpillFile | undefined> {
     return undefined;
   }
   const parsed = JSON.parse(text) as SpillFile;
-  if (parsed.version !== 1 || !Array.isArray(parsed.entries)) throw new Error(`${spillPath(dataDir)} is not a metabatch spill file`);
+  if (parsed.version !== 1 || !Array.isArray(parsed.entries))
+    throw new Error(`${spillPath(dataDir)} is not a metabatch spill file`);
   return parsed;
 }
 

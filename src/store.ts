@@ -185,7 +185,10 @@ export class MetadataStore implements MetadataWriter {
    * their values, keys no longer declared are deleted. Returns the stored
    * list, or undefined for an unknown agent.
    */
-  async putDefinitions(agentId: string, definitions: readonly MetadataDefinition[]): Promise<MetadataRow[] | undefined> {
+  async putDefinitions(
+    agentId: string,
+    definitions: readonly MetadataDefinition[],
+  ): Promise<MetadataRow[] | undefined> {
     return this.transaction(async (client) => {
       const { rowCount } = await client.query(lockAgent, [agentId]);
       if (rowCount !== 1) return undefined;

@@ -44,7 +44,13 @@ describe.each(['publisher', 'store'] as const)('TestMetadataBatcher (NOTIFY by t
     expect(await h.metric('metabatch_metadata_flushed_total')).toBe(2);
 
     // Flush 3: two agents, five entries.
-    h.batcher.add(agent1!, ['key1', 'key2', 'key3'], ['new_value1', 'new_value2', 'new_value3'], ['', '', ''], [t3, t3, t3]);
+    h.batcher.add(
+      agent1!,
+      ['key1', 'key2', 'key3'],
+      ['new_value1', 'new_value2', 'new_value3'],
+      ['', '', ''],
+      [t3, t3, t3],
+    );
     h.batcher.add(agent2!, ['key1', 'key2'], ['agent2_value1', 'agent2_value2'], ['', ''], [t3, t3]);
     await h.batcher.idle();
     expect(h.batcher.currentBatchLen).toBe(5);
@@ -87,7 +93,8 @@ describe('TestMetadataBatcher_DropsWhenFull', () => {
     h.batcher.add(agents[1]!, ['key1'], ['v'], [''], [t]);
     // The capacity flush starts and blocks in the store.
     await vi.waitFor(() => expect(h.store.calls).toHaveLength(1));
-    for (const id of agents.slice(2, 12)) expect(h.batcher.add(id, ['key1'], ['v'], [''], [t])).toEqual({ accepted: 1, dropped: 0 });
+    for (const id of agents.slice(2, 12))
+      expect(h.batcher.add(id, ['key1'], ['v'], [''], [t])).toEqual({ accepted: 1, dropped: 0 });
     expect(h.batcher.channelLength).toBe(10);
     expect(h.batcher.add(agents[12]!, ['key1'], ['v'], [''], [t])).toEqual({ accepted: 0, dropped: 1 });
     expect(await h.metric('metabatch_metadata_dropped_keys_total')).toBe(1);
@@ -133,13 +140,21 @@ describe('TestMetadataBatcher_Deduplication', () => {
     const h = await harness();
     const [agent] = await db.createAgents(1, ['key1', 'key2', 'key3']);
     for (const add of adds) {
-      h.batcher.add(agent!, add.keys, add.values, add.keys.map(() => ''), add.keys.map(() => add.t));
+      h.batcher.add(
+        agent!,
+        add.keys,
+        add.values,
+        add.keys.map(() => ''),
+        add.keys.map(() => add.t),
+      );
     }
     await h.batcher.idle();
     expect(h.batcher.currentBatchLen).toBe(want.length);
     await h.advance(5000);
     expect(h.store.calls).toHaveLength(1);
-    const rows = (await rowsOf(db, [agent!])).map((r) => r.slice(agent!.length + 1)).filter((r) => !r.endsWith('0001-01-01T00:00:00.000Z'));
+    const rows = (await rowsOf(db, [agent!]))
+      .map((r) => r.slice(agent!.length + 1))
+      .filter((r) => !r.endsWith('0001-01-01T00:00:00.000Z'));
     expect(rows).toEqual(want);
     expect(await h.metric('metabatch_metadata_batches_total', { reason: 'scheduled' })).toBe(1);
     expect(await h.metric('metabatch_metadata_flushed_total')).toBe(want.length);
@@ -286,7 +301,13 @@ describe('beyond the original', () => {
     const h = await harness({ backoff: { random: () => 1 } });
     const [agent] = await db.createAgents(1, ['key1', 'key2']);
     h.store.failures = 3;
-    h.batcher.add(agent!, ['key1', 'key2'], ['a1', 'a2'], ['', ''], [at('2026-11-23T00:00:01Z'), at('2026-11-23T00:00:01Z')]);
+    h.batcher.add(
+      agent!,
+      ['key1', 'key2'],
+      ['a1', 'a2'],
+      ['', ''],
+      [at('2026-11-23T00:00:01Z'), at('2026-11-23T00:00:01Z')],
+    );
     await h.advance(5000);
     expect(h.store.calls).toHaveLength(1);
     expect(h.publisher.calls).toHaveLength(0);
@@ -387,7 +408,10 @@ describe('beyond the original', () => {
     expect(h.batcher.add(agents[4]!, ['key1'], ['v'], [''], [t])).toEqual({ accepted: 0, dropped: 1 });
     expect(h.batcher.retryAfterSeconds).toBeGreaterThanOrEqual(1);
     expect(await h.metric('metabatch_metadata_held_limit_refused_keys_total')).toBe(1);
-    expect(h.batcher.add(agents[0]!, ['key1'], ['newer'], [''], [at('2026-11-23T00:00:02Z')])).toEqual({ accepted: 1, dropped: 0 });
+    expect(h.batcher.add(agents[0]!, ['key1'], ['newer'], [''], [at('2026-11-23T00:00:02Z')])).toEqual({
+      accepted: 1,
+      dropped: 0,
+    });
     await h.batcher.idle();
     expect(h.batcher.currentBatchLen).toBe(4);
     h.store.failures = 0;

@@ -15,11 +15,17 @@ describe('metabatch CLI', () => {
   });
 
   it('agents create: prints the id and the token once, with the keys declared', async () => {
-    const cli = run('node', [CLI, 'agents', 'create', '--name', 'web-9', '--key', 'cpu', '--key', 'mem'], { DATABASE_URL: db.url, LOG_LEVEL: 'warn' });
+    const cli = run('node', [CLI, 'agents', 'create', '--name', 'web-9', '--key', 'cpu', '--key', 'mem'], {
+      DATABASE_URL: db.url,
+      LOG_LEVEL: 'warn',
+    });
     expect((await cli.exited).code).toBe(0);
     const match = /^id: ([0-9a-f-]{36})\nname: web-9\ntoken: (mbt_\S+)\nkeys: cpu, mem\n$/.exec(cli.stdout());
     expect(match).not.toBeNull();
-    const { rows } = await db.pool.query(`SELECT key FROM workspace_agent_metadata WHERE workspace_agent_id = $1 ORDER BY display_order`, [match![1]]);
+    const { rows } = await db.pool.query(
+      `SELECT key FROM workspace_agent_metadata WHERE workspace_agent_id = $1 ORDER BY display_order`,
+      [match![1]],
+    );
     expect(rows.map((r) => r.key)).toEqual(['cpu', 'mem']);
     expect(cli.stderr()).toMatch(/shown only this once/);
   });
@@ -31,7 +37,10 @@ describe('metabatch CLI', () => {
   });
 
   it('agents create --json: prints one JSON line on stdout, logs on stderr only', async () => {
-    const cli = run('node', [CLI, 'agents', 'create', '--name', 'json-1', '--key', 'cpu', '--json'], { DATABASE_URL: db.url, LOG_LEVEL: 'info' });
+    const cli = run('node', [CLI, 'agents', 'create', '--name', 'json-1', '--key', 'cpu', '--json'], {
+      DATABASE_URL: db.url,
+      LOG_LEVEL: 'info',
+    });
     expect((await cli.exited).code).toBe(0);
     const created = JSON.parse(cli.stdout());
     expect(created).toMatchObject({ name: 'json-1', keys: ['cpu'] });
@@ -50,8 +59,13 @@ describe('metabatch CLI', () => {
     try {
       await watch.waitFor(/listening on workspace_agent_metadata_batch/);
       await watch.waitFor(/ {2}cpu="" never reported\n/);
-      await db.pool.query(`UPDATE workspace_agent_metadata SET value = '42%', collected_at = now() WHERE workspace_agent_id = $1`, [agent]);
-      await db.pool.query(`SELECT pg_notify('workspace_agent_metadata_batch', $1)`, [encodeAgentIdChunks([agent!, other!])[0]]);
+      await db.pool.query(
+        `UPDATE workspace_agent_metadata SET value = '42%', collected_at = now() WHERE workspace_agent_id = $1`,
+        [agent],
+      );
+      await db.pool.query(`SELECT pg_notify('workspace_agent_metadata_batch', $1)`, [
+        encodeAgentIdChunks([agent!, other!])[0],
+      ]);
       await watch.waitFor(new RegExp(`batch agents=2 ${agent} ${other}\\n`));
       await watch.waitFor(/ {2}cpu="42%" age=\d+s\n/);
       expect(watch.stdout()).toMatch(/^\d{4}-\d\d-\d\dT[\d:.]+Z batch agents=2 /m);

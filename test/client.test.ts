@@ -98,14 +98,20 @@ describe('subscribe()', () => {
   it('closes idempotently, ends its connection and leaves no timers behind', async () => {
     const timers = () => process.getActiveResourcesInfo().filter((r) => r === 'Timeout').length;
     const before = timers();
-    const subscription = await subscribe({ databaseUrl: db.url, applicationName: 'sdk-test-close', onBatch: () => undefined });
+    const subscription = await subscribe({
+      databaseUrl: db.url,
+      applicationName: 'sdk-test-close',
+      onBatch: () => undefined,
+    });
     expect(timers()).toBeGreaterThan(before);
     const closing = subscription.close();
     expect(subscription.close()).toBe(closing);
     await closing;
     expect(timers()).toBe(before);
     await vi.waitFor(async () => {
-      const { rows } = await db.pool.query(`SELECT count(*)::int AS n FROM pg_stat_activity WHERE application_name = 'sdk-test-close'`);
+      const { rows } = await db.pool.query(
+        `SELECT count(*)::int AS n FROM pg_stat_activity WHERE application_name = 'sdk-test-close'`,
+      );
       expect(rows[0].n).toBe(0);
     });
   });

@@ -28,7 +28,11 @@ describe('configuration', () => {
     ['PORT', '70000', 'PORT must be a whole number from 0 to 65535 (got "70000")'],
     ['CHANNEL_MULTIPLIER', '1e3', 'CHANNEL_MULTIPLIER must be a whole number from 1 to 1000 (got "1e3")'],
     ['FINAL_FLUSH_TIMEOUT_MS', 'soon', 'FINAL_FLUSH_TIMEOUT_MS must be a whole number from 1 to 3600000 (got "soon")'],
-    ['NOTIFY_CHANNEL', 'Bad-Name', 'NOTIFY_CHANNEL must be 1-63 characters of a-z, 0-9 and _, not starting with a digit'],
+    [
+      'NOTIFY_CHANNEL',
+      'Bad-Name',
+      'NOTIFY_CHANNEL must be 1-63 characters of a-z, 0-9 and _, not starting with a digit',
+    ],
     ['LOG_LEVEL', 'loud', 'LOG_LEVEL must be one of fatal, error, warn, info, debug, trace, silent (got "loud")'],
     ['DATABASE_URL', 'mysql://x', 'DATABASE_URL must be a postgres:// or postgresql:// URL'],
     ['ADMIN_TOKEN', 'short', 'ADMIN_TOKEN must be at least 16 characters'],
@@ -37,7 +41,9 @@ describe('configuration', () => {
   });
 
   it('refuses MAX_HELD_KEYS below BATCH_SIZE', () => {
-    expect(() => loadConfig({ BATCH_SIZE: '100', MAX_HELD_KEYS: '50' })).toThrow('MAX_HELD_KEYS must be a whole number from 100 to 100000000 (got "50")');
+    expect(() => loadConfig({ BATCH_SIZE: '100', MAX_HELD_KEYS: '50' })).toThrow(
+      'MAX_HELD_KEYS must be a whole number from 100 to 100000000 (got "50")',
+    );
   });
 
   it.each([

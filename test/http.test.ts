@@ -7,12 +7,22 @@ import { ADMIN_TOKEN, createAppHarness, type AppHarness } from './support/app.js
 import { BODY_LIMIT_BYTES } from '../src/app.js';
 
 const db = testDatabase();
-const appHarness = closedAfterEach((options: Parameters<typeof createAppHarness>[1] = {}) => createAppHarness(db, options));
+const appHarness = closedAfterEach((options: Parameters<typeof createAppHarness>[1] = {}) =>
+  createAppHarness(db, options),
+);
 
-async function stored(h: AppHarness, agentId: string): Promise<Record<string, { value: string; error: string; collected_at: string }>> {
-  const res = await h.app.inject({ url: `/v1/agents/${agentId}/metadata`, headers: { authorization: `Bearer ${ADMIN_TOKEN}` } });
+async function stored(
+  h: AppHarness,
+  agentId: string,
+): Promise<Record<string, { value: string; error: string; collected_at: string }>> {
+  const res = await h.app.inject({
+    url: `/v1/agents/${agentId}/metadata`,
+    headers: { authorization: `Bearer ${ADMIN_TOKEN}` },
+  });
   expect(res.statusCode).toBe(200);
-  return Object.fromEntries(res.json<{ key: string; value: string; error: string; collected_at: string }[]>().map((r) => [r.key, r]));
+  return Object.fromEntries(
+    res.json<{ key: string; value: string; error: string; collected_at: string }[]>().map((r) => [r.key, r]),
+  );
 }
 
 describe('POST /v1/agents/{id}/metadata', () => {
@@ -40,7 +50,10 @@ describe('POST /v1/agents/{id}/metadata', () => {
     const h = await appHarness();
     const { id, token } = await h.agent(['cpu']);
     const before = Date.now();
-    expect((await h.post(id, token, { metadata: [{ key: 'cpu', value: 'x', collected_at: '2099-01-01T00:00:00Z' }] })).statusCode).toBe(202);
+    expect(
+      (await h.post(id, token, { metadata: [{ key: 'cpu', value: 'x', collected_at: '2099-01-01T00:00:00Z' }] }))
+        .statusCode,
+    ).toBe(202);
     await h.advance(5000);
     const at = Date.parse((await stored(h, id)).cpu!.collected_at);
     expect(at).toBeGreaterThanOrEqual(before);
@@ -75,10 +88,22 @@ describe('POST /v1/agents/{id}/metadata', () => {
     ['metadata not an array', { metadata: 'cpu=1' }, /metadata must be array/],
     ['a value that is not a string', { metadata: [{ key: 'cpu', value: 12 }] }, /value must be string/],
     ['an empty key', { metadata: [{ key: '', value: 'x' }] }, /key must NOT have fewer than 1 characters/],
-    ['a key of 128 characters', { metadata: [{ key: 'k'.repeat(128), value: 'x' }] }, /key must NOT have more than 127 characters/],
-    ['a bad collected_at', { metadata: [{ key: 'cpu', collected_at: 'yesterday' }] }, /collected_at must be an RFC 3339 timestamp/],
+    [
+      'a key of 128 characters',
+      { metadata: [{ key: 'k'.repeat(128), value: 'x' }] },
+      /key must NOT have more than 127 characters/,
+    ],
+    [
+      'a bad collected_at',
+      { metadata: [{ key: 'cpu', collected_at: 'yesterday' }] },
+      /collected_at must be an RFC 3339 timestamp/,
+    ],
     ['a NUL in a value', { metadata: [{ key: 'cpu', value: 'a\u0000b' }] }, /NUL/],
-    ['too many items', { metadata: Array.from({ length: 6145 }, () => ({ key: 'k' })) }, /must NOT have more than 6144 items/],
+    [
+      'too many items',
+      { metadata: Array.from({ length: 6145 }, () => ({ key: 'k' })) },
+      /must NOT have more than 6144 items/,
+    ],
   ])('answers 400 with a message for %s', async (_name, body, message) => {
     const h = await appHarness();
     const { id, token } = await h.agent(['cpu']);
@@ -136,7 +161,12 @@ describe('POST /v1/agents/{id}/metadata', () => {
     h.store.gate = new Promise((resolve) => (release = resolve));
     expect((await h.post(id, token, { metadata: [{ key: 'cpu', value: '1' }] })).statusCode).toBe(202);
     await vi.waitFor(() => expect(h.store.calls).toHaveLength(1));
-    const res = await h.post(id, token, { metadata: [{ key: 'mem', value: '2' }, { key: 'disk', value: '3' }] });
+    const res = await h.post(id, token, {
+      metadata: [
+        { key: 'mem', value: '2' },
+        { key: 'disk', value: '3' },
+      ],
+    });
     expect(res.statusCode).toBe(429);
     expect(res.json()).toEqual({ accepted: 1, dropped: 1 });
     expect(Number(res.headers['retry-after'])).toBeGreaterThanOrEqual(1);
@@ -202,7 +232,9 @@ describe('POST /v1/agents/{id}/metadata', () => {
       const at6144 = await h.post(agent.id, agent.token, { metadata: keys.map((key) => ({ key, value: 'v' })) });
       expect(at6144.statusCode).toBe(202);
       expect(at6144.json()).toEqual({ accepted: 48, dropped: 0 });
-      const over = await h.post(agent.id, agent.token, { metadata: [...keys, 'a'].map((key) => ({ key, value: 'w' })) });
+      const over = await h.post(agent.id, agent.token, {
+        metadata: [...keys, 'a'].map((key) => ({ key, value: 'w' })),
+      });
       expect(over.statusCode).toBe(400);
       expect(over.json()).toEqual({ error: 'metadata keys of 6145 bytes exceeded 6144 bytes' });
       await h.advance(5000);
@@ -223,7 +255,12 @@ describe('POST /v1/agents/{id}/metadata', () => {
     it('ignores and counts keys the agent never declared', async () => {
       const h = await appHarness();
       const { id, token } = await h.agent(['cpu']);
-      const res = await h.post(id, token, { metadata: [{ key: 'cpu', value: '1' }, { key: 'undeclared', value: '2' }] });
+      const res = await h.post(id, token, {
+        metadata: [
+          { key: 'cpu', value: '1' },
+          { key: 'undeclared', value: '2' },
+        ],
+      });
       expect(res.json()).toEqual({ accepted: 2, dropped: 0 });
       await h.advance(5000);
       expect(Object.keys(await stored(h, id))).toEqual(['cpu']);
@@ -265,7 +302,12 @@ describe('admin API', () => {
   it('answers 401 for a missing or wrong admin token and 400 for a bad body', async () => {
     const h = await appHarness();
     expect((await h.app.inject({ method: 'POST', url: '/v1/agents', payload: { name: 'x' } })).statusCode).toBe(401);
-    const wrong = await h.app.inject({ method: 'POST', url: '/v1/agents', headers: { authorization: 'Bearer nope' }, payload: { name: 'x' } });
+    const wrong = await h.app.inject({
+      method: 'POST',
+      url: '/v1/agents',
+      headers: { authorization: 'Bearer nope' },
+      payload: { name: 'x' },
+    });
     expect(wrong.statusCode).toBe(401);
     expect(wrong.json()).toEqual({ error: 'invalid admin token' });
     const bad = await h.app.inject({
@@ -281,13 +323,20 @@ describe('admin API', () => {
   it('declares keys: new ones get rows, kept ones keep their values, dropped ones go', async () => {
     const h = await appHarness();
     const { id, token } = await h.agent(['cpu', 'mem']);
-    await h.post(id, token, { metadata: [{ key: 'cpu', value: '12%' }, { key: 'mem', value: '1G' }] });
+    await h.post(id, token, {
+      metadata: [
+        { key: 'cpu', value: '12%' },
+        { key: 'mem', value: '1G' },
+      ],
+    });
     await h.advance(5000);
     const res = await h.app.inject({
       method: 'PUT',
       url: `/v1/agents/${id}/metadata-definitions`,
       headers: { authorization: `Bearer ${ADMIN_TOKEN}` },
-      payload: { definitions: [{ key: 'cpu', display_name: 'CPU', interval: 10, timeout: 5, display_order: 1 }, { key: 'disk' }] },
+      payload: {
+        definitions: [{ key: 'cpu', display_name: 'CPU', interval: 10, timeout: 5, display_order: 1 }, { key: 'disk' }],
+      },
     });
     expect(res.statusCode).toBe(200);
     expect(res.json()).toEqual({
@@ -332,13 +381,22 @@ describe('GET /v1/agents/{id}/metadata', () => {
       method: 'PUT',
       url: `/v1/agents/${id}/metadata-definitions`,
       headers: { authorization: `Bearer ${ADMIN_TOKEN}` },
-      payload: { definitions: [{ key: 'b', display_order: 1 }, { key: 'z', display_order: 0 }, { key: 'a', display_order: 1 }] },
+      payload: {
+        definitions: [
+          { key: 'b', display_order: 1 },
+          { key: 'z', display_order: 0 },
+          { key: 'a', display_order: 1 },
+        ],
+      },
     });
     const collected = new Date(Date.now() - 10_000).toISOString();
     await h.post(id, token, { metadata: [{ key: 'a', value: '1', collected_at: collected }] });
     await h.advance(5000);
     for (const auth of [ADMIN_TOKEN, token]) {
-      const res = await h.app.inject({ url: `/v1/agents/${id}/metadata`, headers: { authorization: `Bearer ${auth}` } });
+      const res = await h.app.inject({
+        url: `/v1/agents/${id}/metadata`,
+        headers: { authorization: `Bearer ${auth}` },
+      });
       expect(res.statusCode).toBe(200);
       const rows = res.json<{ key: string; age: number; value: string }[]>();
       expect(rows.map((r) => r.key)).toEqual(['z', 'a', 'b']);
@@ -358,7 +416,10 @@ describe('GET /v1/agents/{id}/metadata', () => {
       headers: { authorization: `Bearer ${ADMIN_TOKEN}` },
     });
     expect(unknown.statusCode).toBe(404);
-    expect((await h.app.inject({ url: `/v1/agents/${a.id}/metadata`, headers: { authorization: `Bearer ${b.token}` } })).statusCode).toBe(403);
+    expect(
+      (await h.app.inject({ url: `/v1/agents/${a.id}/metadata`, headers: { authorization: `Bearer ${b.token}` } }))
+        .statusCode,
+    ).toBe(403);
     expect((await h.app.inject({ url: `/v1/agents/${a.id}/metadata` })).statusCode).toBe(401);
   });
 });

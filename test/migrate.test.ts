@@ -34,7 +34,16 @@ describe('migrations', () => {
         `SELECT column_name FROM information_schema.columns WHERE table_name = 'workspace_agent_metadata' ORDER BY ordinal_position`,
       );
       expect(rows.map((r) => r.column_name)).toEqual([
-        'workspace_agent_id', 'display_name', 'key', 'script', 'value', 'error', 'timeout', 'interval', 'collected_at', 'display_order',
+        'workspace_agent_id',
+        'display_name',
+        'key',
+        'script',
+        'value',
+        'error',
+        'timeout',
+        'interval',
+        'collected_at',
+        'display_order',
       ]);
       const pk = await pools[0]!.query(
         `SELECT a.attname FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)
@@ -42,7 +51,9 @@ describe('migrations', () => {
       );
       expect(pk.rows.map((r) => r.attname)).toEqual(['key', 'workspace_agent_id']);
       // Deleting an agent deletes its rows.
-      await pools[0]!.query(`INSERT INTO workspace_agents (id, name, token_hash) VALUES ('123e4567-e89b-12d3-a456-426614174000', 'a', '\\x00')`);
+      await pools[0]!.query(
+        `INSERT INTO workspace_agents (id, name, token_hash) VALUES ('123e4567-e89b-12d3-a456-426614174000', 'a', '\\x00')`,
+      );
       await pools[0]!.query(
         `INSERT INTO workspace_agent_metadata (workspace_agent_id, key, display_name, script, timeout, interval) VALUES ('123e4567-e89b-12d3-a456-426614174000', 'cpu', 'CPU', '', 0, 0)`,
       );

@@ -61,7 +61,13 @@ async function setup(name: string, env: Record<string, string>) {
   const port = await freePort();
   const base = `http://127.0.0.1:${port}`;
   const start = () =>
-    run('node', [CLI, 'serve'], { DATABASE_URL: db.url, DATA_DIR: dataDir, PORT: String(port), ADMIN_TOKEN: ADMIN, ...env });
+    run('node', [CLI, 'serve'], {
+      DATABASE_URL: db.url,
+      DATA_DIR: dataDir,
+      PORT: String(port),
+      ADMIN_TOKEN: ADMIN,
+      ...env,
+    });
   const service = start();
   await service.waitFor(/metabatch listening on/, 60_000);
   const call = async (method: string, url: string, token: string, body?: unknown) => {
@@ -74,7 +80,9 @@ async function setup(name: string, env: Record<string, string>) {
   };
   const agent = (await call('POST', '/v1/agents', ADMIN, { name })).body;
   const keys = Array.from({ length: 16 }, (_, i) => `k${i}`);
-  await call('PUT', `/v1/agents/${agent.id}/metadata-definitions`, ADMIN, { definitions: keys.map((key) => ({ key })) });
+  await call('PUT', `/v1/agents/${agent.id}/metadata-definitions`, ADMIN, {
+    definitions: keys.map((key) => ({ key })),
+  });
   return { db, dataDir, base, service, start, call, id: agent.id!, token: agent.token!, keys };
 }
 

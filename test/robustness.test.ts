@@ -11,13 +11,26 @@ import { ADMIN_TOKEN, createAppHarness } from './support/app.js';
 import { closedAfterEach, testDatabase } from './support/db.js';
 
 const db = testDatabase();
-const appHarness = closedAfterEach((options: Parameters<typeof createAppHarness>[1] = {}) => createAppHarness(db, options));
+const appHarness = closedAfterEach((options: Parameters<typeof createAppHarness>[1] = {}) =>
+  createAppHarness(db, options),
+);
 
 // Bodies near the valid shape, where the bugs live, and arbitrary JSON.
 const item = fc.record(
   {
-    key: fc.oneof(fc.string({ maxLength: 200 }), fc.string({ unit: 'binary', maxLength: 130 }), fc.integer(), fc.constant(null)),
-    value: fc.oneof(fc.string({ maxLength: 3000 }), fc.string({ unit: 'binary', maxLength: 1000 }), fc.double(), fc.boolean(), fc.object()),
+    key: fc.oneof(
+      fc.string({ maxLength: 200 }),
+      fc.string({ unit: 'binary', maxLength: 130 }),
+      fc.integer(),
+      fc.constant(null),
+    ),
+    value: fc.oneof(
+      fc.string({ maxLength: 3000 }),
+      fc.string({ unit: 'binary', maxLength: 1000 }),
+      fc.double(),
+      fc.boolean(),
+      fc.object(),
+    ),
     error: fc.oneof(fc.string({ maxLength: 2100 }), fc.constant(undefined), fc.array(fc.string())),
     collected_at: fc.oneof(
       fc.date({ noInvalidDate: true }).map((d) => d.toISOString()),
@@ -71,16 +84,30 @@ describe('bad input', () => {
     const h = await appHarness();
     const { id, token } = await h.agent(['cpu']);
     const send = (url: string, payload: string | Buffer) =>
-      h.app.inject({ method: 'POST', url, headers: { authorization: `Bearer ${token}`, 'content-type': 'application/json' }, payload });
-    const latin1 = Buffer.concat([Buffer.from('{"metadata":[{"key":"cpu","value":"'), Buffer.from([0xff, 0xfe, 0xe9]), Buffer.from('"}]}')]);
+      h.app.inject({
+        method: 'POST',
+        url,
+        headers: { authorization: `Bearer ${token}`, 'content-type': 'application/json' },
+        payload,
+      });
+    const latin1 = Buffer.concat([
+      Buffer.from('{"metadata":[{"key":"cpu","value":"'),
+      Buffer.from([0xff, 0xfe, 0xe9]),
+      Buffer.from('"}]}'),
+    ]);
     // Decoded as UTF-8 with replacement characters: valid text, which Postgres takes.
     expect((await send(`/v1/agents/${id}/metadata`, latin1)).statusCode).toBe(202);
-    expect((await send(`/v1/agents/${id}/metadata`, '{"metadata":' + '['.repeat(100_000) + ']'.repeat(100_000) + '}')).statusCode).toBe(400);
+    expect(
+      (await send(`/v1/agents/${id}/metadata`, '{"metadata":' + '['.repeat(100_000) + ']'.repeat(100_000) + '}'))
+        .statusCode,
+    ).toBe(400);
     const badId = await send('/v1/agents/123/metadata', '{"metadata":[]}');
     expect(badId.statusCode).toBe(400);
     expect(badId.json()).toEqual({ error: 'agentId must be a UUID (got "123")' });
     await h.advance(5000);
-    const { rows } = await db.pool.query(`SELECT value FROM workspace_agent_metadata WHERE workspace_agent_id = $1`, [id]);
+    const { rows } = await db.pool.query(`SELECT value FROM workspace_agent_metadata WHERE workspace_agent_id = $1`, [
+      id,
+    ]);
     expect(rows[0].value).toBe('\uFFFD\uFFFD\uFFFD');
     expect(await h.metric('metabatch_metadata_flushed_total')).toBe(1);
   });
@@ -125,7 +152,12 @@ describe('secrets', () => {
     await h.post(id, token, { metadata: [{ key: 'cpu', value: 'SECRET-VALUE-123' }] });
     await h.post(id, 'mbt_WRONG-TOKEN-456', { metadata: [{ key: 'cpu', value: 'SECRET-VALUE-789' }] });
     await h.post(id, token, '{"broken');
-    await h.app.inject({ method: 'POST', url: '/v1/agents', headers: { authorization: `Bearer ${ADMIN_TOKEN}x` }, payload: { name: 'n' } });
+    await h.app.inject({
+      method: 'POST',
+      url: '/v1/agents',
+      headers: { authorization: `Bearer ${ADMIN_TOKEN}x` },
+      payload: { name: 'n' },
+    });
     await h.advance(5000);
     const log = lines.join('');
     expect(log).toContain('"msg":"request"');

@@ -47,13 +47,18 @@ describe('npm start with an embedded Postgres', () => {
   it('answers /readyz, takes reports, NOTIFYs, and on SIGTERM to its process group flushes every acknowledged key before it exits', async () => {
     const port = await freePort();
     const base = `http://127.0.0.1:${port}`;
-    const service = run('npm', ['start', '--silent'], {
-      DATA_DIR: dataDir,
-      PORT: String(port),
-      ADMIN_TOKEN: ADMIN,
-      // Nothing flushes on the timer: only the shutdown flush can save the values.
-      FLUSH_INTERVAL_MS: '600000',
-    }, { detached: true });
+    const service = run(
+      'npm',
+      ['start', '--silent'],
+      {
+        DATA_DIR: dataDir,
+        PORT: String(port),
+        ADMIN_TOKEN: ADMIN,
+        // Nothing flushes on the timer: only the shutdown flush can save the values.
+        FLUSH_INTERVAL_MS: '600000',
+      },
+      { detached: true },
+    );
     try {
       await service.waitFor(/metabatch listening on/, 60_000);
       expect((await fetch(`${base}/readyz`)).status).toBe(200);
@@ -63,7 +68,13 @@ describe('npm start with an embedded Postgres', () => {
       const id = created.body.id as string;
       const token = created.body.token as string;
       const keys = Array.from({ length: 20 }, (_, i) => `key${i}`);
-      expect((await api(base, 'PUT', `/v1/agents/${id}/metadata-definitions`, ADMIN, { definitions: keys.map((key) => ({ key })) })).status).toBe(200);
+      expect(
+        (
+          await api(base, 'PUT', `/v1/agents/${id}/metadata-definitions`, ADMIN, {
+            definitions: keys.map((key) => ({ key })),
+          })
+        ).status,
+      ).toBe(200);
 
       // A real LISTEN on the service's database, as psql would do.
       const embedded = new EmbeddedPostgres({ dataDir, log: createLogger('silent') });
@@ -89,7 +100,11 @@ describe('npm start with an embedded Postgres', () => {
       await listener.close();
       expect(received.flat()).toContain(id);
 
-      const rows = await query<{ key: string; value: string }>(dataDir, 'SELECT key, value FROM workspace_agent_metadata WHERE workspace_agent_id = $1', [id]);
+      const rows = await query<{ key: string; value: string }>(
+        dataDir,
+        'SELECT key, value FROM workspace_agent_metadata WHERE workspace_agent_id = $1',
+        [id],
+      );
       expect(new Map(rows.map((r) => [r.key, r.value]))).toEqual(acknowledged);
     } finally {
       if (service.child.exitCode === null) process.kill(-service.child.pid!, 'SIGKILL');
@@ -99,14 +114,21 @@ describe('npm start with an embedded Postgres', () => {
   it('exits 0 on SIGTERM in the middle of load, with every key answered 202 in the table', async () => {
     const port = await freePort();
     const base = `http://127.0.0.1:${port}`;
-    const service = run('node', [CLI, 'serve'], { DATA_DIR: dataDir, PORT: String(port), ADMIN_TOKEN: ADMIN, FLUSH_INTERVAL_MS: '600000' });
+    const service = run('node', [CLI, 'serve'], {
+      DATA_DIR: dataDir,
+      PORT: String(port),
+      ADMIN_TOKEN: ADMIN,
+      FLUSH_INTERVAL_MS: '600000',
+    });
     try {
       await service.waitFor(/metabatch listening on/, 60_000);
       const created = await api(base, 'POST', '/v1/agents', ADMIN, { name: 'load' });
       const id = created.body.id as string;
       const token = created.body.token as string;
       const keys = Array.from({ length: 50 }, (_, i) => `k${i}`);
-      await api(base, 'PUT', `/v1/agents/${id}/metadata-definitions`, ADMIN, { definitions: keys.map((key) => ({ key })) });
+      await api(base, 'PUT', `/v1/agents/${id}/metadata-definitions`, ADMIN, {
+        definitions: keys.map((key) => ({ key })),
+      });
       const acknowledged = new Map<string, string>();
       let refused = 0;
       // Eight clients post without pause; the signal lands mid-stream.
@@ -136,7 +158,11 @@ describe('npm start with an embedded Postgres', () => {
       const { code } = await service.exited;
       expect(code).toBe(0);
       expect(acknowledged.size).toBe(50);
-      const rows = await query<{ key: string; value: string }>(dataDir, 'SELECT key, value FROM workspace_agent_metadata WHERE workspace_agent_id = $1', [id]);
+      const rows = await query<{ key: string; value: string }>(
+        dataDir,
+        'SELECT key, value FROM workspace_agent_metadata WHERE workspace_agent_id = $1',
+        [id],
+      );
       expect(new Map(rows.map((r) => [r.key, r.value]))).toEqual(acknowledged);
       expect(refused).toBeLessThanOrEqual(8);
     } finally {
@@ -176,7 +202,9 @@ describe('npm start with an embedded Postgres', () => {
       const second = run('node', [CLI, 'serve'], { ...env, PORT: String(await freePort()) });
       const { code } = await second.exited;
       expect(code).toBe(1);
-      expect(second.stderr()).toMatch(new RegExp(`another metabatch process \\(pid ${first.child.pid}\\) runs the embedded Postgres`));
+      expect(second.stderr()).toMatch(
+        new RegExp(`another metabatch process \\(pid ${first.child.pid}\\) runs the embedded Postgres`),
+      );
       first.child.kill('SIGTERM');
       expect((await first.exited).code).toBe(0);
     } finally {

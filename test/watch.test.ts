@@ -158,7 +158,11 @@ describe('GET /v1/agents/{id}/metadata/watch', () => {
   it('keeps at most one pending event for a client that stops reading, dropping and counting the rest', async () => {
     const keys = Array.from({ length: 100 }, (_, i) => `k${String(i).padStart(3, '0')}`);
     const { id, token } = await h.agent(keys);
-    await post(id, token, keys.map((key) => ({ key, value: 'x'.repeat(2000) })));
+    await post(
+      id,
+      token,
+      keys.map((key) => ({ key, value: 'x'.repeat(2000) })),
+    );
     await h.advance(5000);
     // A raw socket that sends the request and never reads.
     const socket = net.connect(Number(new URL(base).port), '127.0.0.1');
@@ -188,7 +192,9 @@ describe('GET /v1/agents/{id}/metadata/watch', () => {
     const url = (agentId: string) => `${base}/v1/agents/${agentId}/metadata/watch`;
     expect((await fetch(url(a.id))).status).toBe(401);
     expect((await fetch(url(a.id), { headers: { authorization: `Bearer ${b.token}` } })).status).toBe(403);
-    const unknown = await fetch(url('123e4567-e89b-12d3-a456-426614174000'), { headers: { authorization: `Bearer ${ADMIN_TOKEN}` } });
+    const unknown = await fetch(url('123e4567-e89b-12d3-a456-426614174000'), {
+      headers: { authorization: `Bearer ${ADMIN_TOKEN}` },
+    });
     expect(unknown.status).toBe(404);
     expect(await unknown.json()).toEqual({ error: 'agent 123e4567-e89b-12d3-a456-426614174000 not found' });
     expect(h.hub.watcherCount).toBe(0);

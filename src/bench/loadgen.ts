@@ -90,7 +90,10 @@ async function main(): Promise<void> {
         body,
       });
       const text = await res.body.text();
-      const answer = res.statusCode === 202 || res.statusCode === 429 ? (JSON.parse(text) as { accepted: number; dropped: number }) : undefined;
+      const answer =
+        res.statusCode === 202 || res.statusCode === 429
+          ? (JSON.parse(text) as { accepted: number; dropped: number })
+          : undefined;
       keysAcceptedAll += answer?.accepted ?? 0;
       if (!measured) return;
       statuses[res.statusCode] = (statuses[res.statusCode] ?? 0) + 1;

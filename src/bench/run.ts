@@ -115,7 +115,14 @@ export async function runBench(argv: string[]): Promise<number> {
       const context: Context = { options, work, databaseUrl, pool, keys, agentsFile, agents, probes };
 
       const report: Report = {
-        machine: { node: process.version, cpus: os.cpus().length, cpu: os.cpus()[0]?.model ?? '', memoryGb: round(os.totalmem() / 2 ** 30, 1), postgres: version, embedded: embedded !== undefined },
+        machine: {
+          node: process.version,
+          cpus: os.cpus().length,
+          cpu: os.cpus()[0]?.model ?? '',
+          memoryGb: round(os.totalmem() / 2 ** 30, 1),
+          postgres: version,
+          embedded: embedded !== undefined,
+        },
         options: { ...options, scenarios: [...options.scenarios] },
         flush: await flushLimits(context),
         ingest: await ingestLimits(context),
@@ -156,7 +163,7 @@ interface Agent {
 }
 
 interface Report {
-  machine: Record<string, unknown>;
+  machine: { node: string; cpus: number; cpu: string; memoryGb: number; postgres: string; embedded: boolean };
   options: Record<string, unknown>;
   flush: Awaited<ReturnType<typeof flushLimits>>;
   ingest: Awaited<ReturnType<typeof ingestLimits>>;
@@ -191,7 +198,10 @@ function withDatabase(url: string, database: string): string {
 
 /** Agents with known tokens and declared keys, straight in SQL. */
 async function provision(pool: pg.Pool, count: number, keys: string[], file: string): Promise<Agent[]> {
-  const agents = Array.from({ length: count }, () => ({ id: randomUUID(), token: `mbt_${randomBytes(24).toString('base64url')}` }));
+  const agents = Array.from({ length: count }, () => ({
+    id: randomUUID(),
+    token: `mbt_${randomBytes(24).toString('base64url')}`,
+  }));
   for (let i = 0; i < agents.length; i += 5000) {
     const slice = agents.slice(i, i + 5000);
     await pool.query(
@@ -248,7 +258,13 @@ async function flushLimits(context: Context) {
       }
     },
   };
-  const batcher = new Batcher({ store: timedStore, metrics: new BatcherMetrics(new Registry()), logger: log, batchSize: BATCH_SIZE, flushIntervalMs: 3_600_000 });
+  const batcher = new Batcher({
+    store: timedStore,
+    metrics: new BatcherMetrics(new Registry()),
+    logger: log,
+    batchSize: BATCH_SIZE,
+    flushIntervalMs: 3_600_000,
+  });
   // Three ways to write the same batches, in alternating blocks of 20:
   // - bare: the guarded UPDATE alone;
   // - raw: the same UPDATE telling which rows it wrote (RETURNING, grouped per
@@ -270,7 +286,13 @@ async function flushLimits(context: Context) {
         Array.from({ length: b.agentIds.length / keys.length }, (_, i) => {
           const from = i * keys.length;
           const to = from + keys.length;
-          return [b.agentIds[from]!, b.keys.slice(from, to), b.values.slice(from, to), b.errors.slice(from, to), b.collectedAts.slice(from, to)] as const;
+          return [
+            b.agentIds[from]!,
+            b.keys.slice(from, to),
+            b.values.slice(from, to),
+            b.errors.slice(from, to),
+            b.collectedAts.slice(from, to),
+          ] as const;
         }),
       );
       const t0 = performance.now();
@@ -282,7 +304,13 @@ async function flushLimits(context: Context) {
           continue;
         }
         const s = performance.now();
-        await pool.query(mode === 'bare' ? guardedUpdate : updateMetadataReturningAgents, [b.agentIds, b.keys, b.values, b.errors, b.collectedAts]);
+        await pool.query(mode === 'bare' ? guardedUpdate : updateMetadataReturningAgents, [
+          b.agentIds,
+          b.keys,
+          b.values,
+          b.errors,
+          b.collectedAts,
+        ]);
         durations[mode].push(performance.now() - s);
       }
       spent[mode] += performance.now() - t0;
@@ -320,8 +348,16 @@ interface Server {
   stop(): Promise<number | null>;
 }
 
-async function startServer(kind: 'service' | 'raw' | 'naive', context: Context, env: Record<string, string> = {}): Promise<Server> {
-  const script = { service: path.join(DIST, 'cli.js'), raw: path.join(DIST, 'bench', 'rawServer.js'), naive: path.join(DIST, 'bench', 'naiveServer.js') }[kind];
+async function startServer(
+  kind: 'service' | 'raw' | 'naive',
+  context: Context,
+  env: Record<string, string> = {},
+): Promise<Server> {
+  const script = {
+    service: path.join(DIST, 'cli.js'),
+    raw: path.join(DIST, 'bench', 'rawServer.js'),
+    naive: path.join(DIST, 'bench', 'naiveServer.js'),
+  }[kind];
   // BENCH_NODE_ARGS="--cpu-prof --cpu-prof-dir=prof" profiles the servers.
   const nodeArgs = (process.env.BENCH_NODE_ARGS ?? '').split(' ').filter(Boolean);
   const args = [...nodeArgs, ...(kind === 'service' ? [script, 'serve'] : [script])];
@@ -344,15 +380,15 @@ async function startServer(kind: 'service' | 'raw' | 'naive', context: Context, 
       output += chunk.toString();
       const match = /(?:metabatch listening on|listening) (http:\/\/[\d.]+:\d+)/.exec(output);
       if (match) {
-        child.stdout!.off('data', onData);
+        child.stdout.off('data', onData);
         resolve(match[1]!);
       }
     };
-    child.stdout!.on('data', onData);
-    child.stderr!.on('data', (chunk: Buffer) => (output += chunk.toString()));
+    child.stdout.on('data', onData);
+    child.stderr.on('data', (chunk: Buffer) => (output += chunk.toString()));
     child.once('exit', (code) => reject(new Error(`${kind} server exited (${code}): ${output.slice(-1000)}`)));
   });
-  child.stdout!.resume();
+  child.stdout.resume();
   const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
   return {
     child,
@@ -382,7 +418,11 @@ function since(before: Map<string, number>, after: Map<string, number>): (series
   return (series) => (after.get(series) ?? 0) - (before.get(series) ?? 0);
 }
 
-async function load(context: Context, url: string, config: Partial<LoadConfig> & Pick<LoadConfig, 'mode'>): Promise<LoadResult> {
+async function load(
+  context: Context,
+  url: string,
+  config: Partial<LoadConfig> & Pick<LoadConfig, 'mode'>,
+): Promise<LoadResult> {
   const full: LoadConfig = {
     baseUrl: url,
     agentsFile: context.agentsFile,
@@ -394,9 +434,11 @@ async function load(context: Context, url: string, config: Partial<LoadConfig> &
   };
   const file = path.join(context.work, `load-${randomBytes(4).toString('hex')}.json`);
   await fs.writeFile(file, JSON.stringify(full));
-  const child = spawn(process.execPath, [path.join(DIST, 'bench', 'loadgen.js'), file], { stdio: ['ignore', 'pipe', 'inherit'] });
+  const child = spawn(process.execPath, [path.join(DIST, 'bench', 'loadgen.js'), file], {
+    stdio: ['ignore', 'pipe', 'inherit'],
+  });
   let output = '';
-  child.stdout!.on('data', (chunk: Buffer) => (output += chunk.toString()));
+  child.stdout.on('data', (chunk: Buffer) => (output += chunk.toString()));
   const code = await new Promise<number | null>((resolve) => child.once('exit', resolve));
   const line = output.split('\n').find((l) => l.includes('"event":"result"'));
   if (code !== 0 || !line) throw new Error(`load generator failed (${code}): ${output.slice(-500)}`);
@@ -426,7 +468,9 @@ const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 async function ingestLimits(context: Context) {
   const { options } = context;
   const rounds = options.quick ? 2 : 5;
-  progress(`ingest: raw Fastify and metabatch, closed loop, ${options.concurrency} connections, ${rounds} alternating rounds of ${options.closedS / rounds} s`);
+  progress(
+    `ingest: raw Fastify and metabatch, closed loop, ${options.concurrency} connections, ${rounds} alternating rounds of ${options.closedS / rounds} s`,
+  );
   const raw = await startServer('raw', context);
   const ours = await startServer('service', context);
   try {
@@ -438,11 +482,19 @@ async function ingestLimits(context: Context) {
     // Where the two cores went, per 1000 requests: the server, Postgres, the generator.
     const cpu = { raw: { server: 0, postgres: 0 }, ours: { server: 0, postgres: 0 } };
     for (let r = 0; r < rounds; r++) {
-      for (const [kind, server] of [['ours', ours], ['raw', raw]] as const) {
+      for (const [kind, server] of [
+        ['ours', ours],
+        ['raw', raw],
+      ] as const) {
         const serverBefore = cpuTicks([server.child.pid!]);
         const postgresBefore = cpuTicks(postgresPids());
         runs[kind].push(
-          await load(context, server.url, { mode: 'closed', durationMs: (options.closedS * 1000) / rounds, firstRound: 1 + r * 1000, keepLatencies: true }),
+          await load(context, server.url, {
+            mode: 'closed',
+            durationMs: (options.closedS * 1000) / rounds,
+            firstRound: 1 + r * 1000,
+            keepLatencies: true,
+          }),
         );
         cpu[kind].server += cpuSecondsSince(serverBefore);
         cpu[kind].postgres += cpuSecondsSince(postgresBefore);
@@ -459,7 +511,11 @@ async function ingestLimits(context: Context) {
     };
     const delta = since(before, await ours.metrics());
     const oursEntry: Record<string, unknown> = summarizeLoad(pool(runs.ours));
-    for (const name of ['metabatch_database_statements_total', 'metabatch_metadata_flushed_total', 'metabatch_metadata_dropped_keys_total']) {
+    for (const name of [
+      'metabatch_database_statements_total',
+      'metabatch_metadata_flushed_total',
+      'metabatch_metadata_dropped_keys_total',
+    ]) {
       oursEntry[name.replace('metabatch_', '')] = delta(name);
     }
     const rawEntry = summarizeLoad(pool(runs.raw));
@@ -518,7 +574,8 @@ function postgresPids(): number[] {
 /** Several runs as one: totals, and percentiles over every request. */
 function pool(runs: LoadResult[]): LoadResult {
   const statuses: Record<string, number> = {};
-  for (const run of runs) for (const [status, n] of Object.entries(run.statuses)) statuses[status] = (statuses[status] ?? 0) + n;
+  for (const run of runs)
+    for (const [status, n] of Object.entries(run.statuses)) statuses[status] = (statuses[status] ?? 0) + n;
   const sum = (pick: (run: LoadResult) => number) => runs.reduce((total, run) => total + pick(run), 0);
   const seconds = sum((r) => r.seconds);
   return {
@@ -533,7 +590,10 @@ function pool(runs: LoadResult[]): LoadResult {
     requestsPerSecond: sum((r) => r.requests) / seconds,
     keysAcceptedPerSecond: sum((r) => r.keysAccepted) / seconds,
     latencyMs: summarize(runs.flatMap((r) => r.latencies ?? [])),
-    generatorLoopDelayMs: { p99: Math.max(...runs.map((r) => r.generatorLoopDelayMs.p99)), max: Math.max(...runs.map((r) => r.generatorLoopDelayMs.max)) },
+    generatorLoopDelayMs: {
+      p99: Math.max(...runs.map((r) => r.generatorLoopDelayMs.p99)),
+      max: Math.max(...runs.map((r) => r.generatorLoopDelayMs.max)),
+    },
     generatorCpuSeconds: sum((r) => r.generatorCpuSeconds),
   };
 }
@@ -572,7 +632,9 @@ async function steady(context: Context) {
   const crossCheck = !options.quick;
   const settle = () => sleep(crossCheck ? STATS_SETTLE_MS : 200);
   for (const kind of ['service', 'naive'] as const) {
-    progress(`steady: ${kind === 'service' ? 'metabatch' : 'naive (UPDATE + NOTIFY per request)'}, ${options.agents} agents x ${options.keys} keys every ${options.intervalMs} ms, ${options.durationS} s`);
+    progress(
+      `steady: ${kind === 'service' ? 'metabatch' : 'naive (UPDATE + NOTIFY per request)'}, ${options.agents} agents x ${options.keys} keys every ${options.intervalMs} ms, ${options.durationS} s`,
+    );
     const server = await startServer(kind, context);
     try {
       // Warm-up: one interval, so every token (the probes' too) is cached and the batch is flushed.
@@ -584,8 +646,14 @@ async function steady(context: Context) {
       const transactionsBefore = await transactions(context.pool);
       // The first second (the generator's start, its connections) is sent but not measured.
       const rampMs = Math.min(1000, options.durationS * 200);
-      const probe = kind === 'service' ? startProbes(context, server.url, rampMs, options.durationS * 1000 - 500) : undefined;
-      const run = await load(context, server.url, { mode: 'open', firstRound: 1_000_000, rampMs, durationMs: options.durationS * 1000 + rampMs });
+      const probe =
+        kind === 'service' ? startProbes(context, server.url, rampMs, options.durationS * 1000 - 500) : undefined;
+      const run = await load(context, server.url, {
+        mode: 'open',
+        firstRound: 1_000_000,
+        rampMs,
+        durationMs: options.durationS * 1000 + rampMs,
+      });
       const probes = await probe?.stop();
       // The last partial batch flushes on the timer.
       await sleep(options.flushIntervalMs + 200);
@@ -602,11 +670,16 @@ async function steady(context: Context) {
       if (crossCheck) {
         await settle();
         // Less the probes' own polls and the two counter reads.
-        entry.transactionsCountedByPostgres = (await transactions(context.pool)) - transactionsBefore - (probes?.queries ?? 0) - 1;
+        entry.transactionsCountedByPostgres =
+          (await transactions(context.pool)) - transactionsBefore - (probes?.queries ?? 0) - 1;
       }
       if (kind === 'service') {
-        const batches = delta('metabatch_metadata_batches_total{reason="capacity"}') + delta('metabatch_metadata_batches_total{reason="scheduled"}');
-        const durationSum = delta('metabatch_metadata_flush_duration_seconds_sum{reason="capacity"}') + delta('metabatch_metadata_flush_duration_seconds_sum{reason="scheduled"}');
+        const batches =
+          delta('metabatch_metadata_batches_total{reason="capacity"}') +
+          delta('metabatch_metadata_batches_total{reason="scheduled"}');
+        const durationSum =
+          delta('metabatch_metadata_flush_duration_seconds_sum{reason="capacity"}') +
+          delta('metabatch_metadata_flush_duration_seconds_sum{reason="scheduled"}');
         entry.flush = {
           batches,
           batchesPerSecond: round(batches / run.seconds, 1),
@@ -693,12 +766,18 @@ function startProbes(context: Context, url: string, afterMs: number, untilMs: nu
             const seen = (async () => {
               for (let i = 0; i < 10_000; i++) {
                 queries++;
-                const { rows } = await poller.query(`SELECT value FROM workspace_agent_metadata WHERE workspace_agent_id = $1 AND key = 'probe'`, [probe.id]);
+                const { rows } = await poller.query<{ value: string }>(
+                  `SELECT value FROM workspace_agent_metadata WHERE workspace_agent_id = $1 AND key = 'probe'`,
+                  [probe.id],
+                );
                 if (rows[0]?.value === value) return visible.push(performance.now() - t0);
                 await sleep(POLL_MS);
               }
             })();
-            await Promise.race([heard.then(() => notified.push(performance.now() - t0)), sleep(context.options.flushIntervalMs * 3)]);
+            await Promise.race([
+              heard.then(() => notified.push(performance.now() - t0)),
+              sleep(context.options.flushIntervalMs * 3),
+            ]);
             await seen;
             await sleep(100);
           }
@@ -714,7 +793,13 @@ function startProbes(context: Context, url: string, afterMs: number, untilMs: nu
       running = false;
       clearTimeout(timer);
       await done;
-      return { queries, freshness: { postToNotifyMs: roundSummary(summarize(notified)), postToRowVisibleMs: roundSummary(summarize(visible)) } };
+      return {
+        queries,
+        freshness: {
+          postToNotifyMs: roundSummary(summarize(notified)),
+          postToRowVisibleMs: roundSummary(summarize(visible)),
+        },
+      };
     },
   };
 }
@@ -765,10 +850,17 @@ async function overload(context: Context) {
   const server = await startServer('service', context);
   try {
     const before = await server.metrics();
-    const run = await load(context, server.url, { mode: 'closed', concurrency: 256, durationMs: 600_000, requests, firstRound: 3_000_000 });
+    const run = await load(context, server.url, {
+      mode: 'closed',
+      concurrency: 256,
+      durationMs: 600_000,
+      requests,
+      firstRound: 3_000_000,
+    });
     await sleep(context.options.flushIntervalMs + 200);
     const delta = since(before, await server.metrics());
-    const droppedByService = delta('metabatch_metadata_dropped_keys_total') + delta('metabatch_metadata_held_limit_refused_keys_total');
+    const droppedByService =
+      delta('metabatch_metadata_dropped_keys_total') + delta('metabatch_metadata_held_limit_refused_keys_total');
     return {
       ...summarizeLoad(run),
       channelCapacity: BATCH_SIZE * 5,
@@ -786,58 +878,170 @@ async function overload(context: Context) {
 
 function table(report: Report): string {
   const rows: string[][] = [];
-  const fmt = (n: number | undefined, digits = 0) => (n === undefined ? '-' : n.toLocaleString('en-US', { maximumFractionDigits: digits }));
+  const fmt = (n: number | undefined, digits = 0) =>
+    n === undefined ? '-' : n.toLocaleString('en-US', { maximumFractionDigits: digits });
   const check = (ok: boolean) => (ok ? 'met' : 'MISSED');
   const { flush, ingest } = report;
   rows.push(['ingest (closed loop)', 'ours', 'raw Fastify', 'ratio', 'target']);
-  rows.push(['  requests/s', fmt(ingest.ours.requestsPerSecond), fmt(ingest.raw.requestsPerSecond), `${ingest.ratio}x`, `>= 0.85x ${check(ingest.ratio >= 0.85)}`]);
+  rows.push([
+    '  requests/s',
+    fmt(ingest.ours.requestsPerSecond),
+    fmt(ingest.raw.requestsPerSecond),
+    `${ingest.ratio}x`,
+    `>= 0.85x ${check(ingest.ratio >= 0.85)}`,
+  ]);
   rows.push(['  keys accepted/s', fmt(ingest.ours.keysAcceptedPerSecond), '-', '', '']);
-  rows.push(['  latency p50 / p99 / max ms', `${ingest.ours.latencyMs.p50} / ${ingest.ours.latencyMs.p99} / ${ingest.ours.latencyMs.max}`, `${ingest.raw.latencyMs.p50} / ${ingest.raw.latencyMs.p99} / ${ingest.raw.latencyMs.max}`, '', '']);
+  rows.push([
+    '  latency p50 / p99 / max ms',
+    `${ingest.ours.latencyMs.p50} / ${ingest.ours.latencyMs.p99} / ${ingest.ours.latencyMs.max}`,
+    `${ingest.raw.latencyMs.p50} / ${ingest.raw.latencyMs.p99} / ${ingest.raw.latencyMs.max}`,
+    '',
+    '',
+  ]);
   rows.push(['  429s', fmt(ingest.ours.statuses['429'] ?? 0), '-', '', '']);
-  const cpuRow = (c: { serverMs: number; postgresMs: number; generatorMs: number }) => `${c.serverMs} / ${c.postgresMs} / ${c.generatorMs}`;
-  rows.push(['  CPU ms per 1000 req: server / Postgres / generator', cpuRow(ingest.cpuPerThousandRequests.ours), cpuRow(ingest.cpuPerThousandRequests.raw), '', '']);
+  const cpuRow = (c: { serverMs: number; postgresMs: number; generatorMs: number }) =>
+    `${c.serverMs} / ${c.postgresMs} / ${c.generatorMs}`;
+  rows.push([
+    '  CPU ms per 1000 req: server / Postgres / generator',
+    cpuRow(ingest.cpuPerThousandRequests.ours),
+    cpuRow(ingest.cpuPerThousandRequests.raw),
+    '',
+    '',
+  ]);
   rows.push([`flush (${flush.batchSize} rows a batch)`, 'ours', 'raw UPDATE…RETURNING', 'ratio', 'target']);
-  rows.push(['  rows/s', fmt(flush.ours.rowsPerSecond), fmt(flush.raw.rowsPerSecond), `${flush.ratio}x`, `>= 0.9x ${check(flush.ratio >= 0.9)}`]);
+  rows.push([
+    '  rows/s',
+    fmt(flush.ours.rowsPerSecond),
+    fmt(flush.raw.rowsPerSecond),
+    `${flush.ratio}x`,
+    `>= 0.9x ${check(flush.ratio >= 0.9)}`,
+  ]);
   rows.push(['  batches/s', fmt(flush.ours.batchesPerSecond, 1), fmt(flush.raw.batchesPerSecond, 1), '', '']);
-  rows.push(['  flush ms p50 / p99', `${flush.ours.durationMs.p50} / ${flush.ours.durationMs.p99}`, `${flush.raw.durationMs.p50} / ${flush.raw.durationMs.p99}`, '', '']);
-  rows.push(['  rows/s of the bare UPDATE (no RETURNING)', '', fmt(flush.bare.rowsPerSecond), `${flush.ratioToBare}x`, '']);
+  rows.push([
+    '  flush ms p50 / p99',
+    `${flush.ours.durationMs.p50} / ${flush.ours.durationMs.p99}`,
+    `${flush.raw.durationMs.p50} / ${flush.raw.durationMs.p99}`,
+    '',
+    '',
+  ]);
+  rows.push([
+    '  rows/s of the bare UPDATE (no RETURNING)',
+    '',
+    fmt(flush.bare.rowsPerSecond),
+    `${flush.ratioToBare}x`,
+    '',
+  ]);
   if (report.steady) {
     const s = report.steady;
-    const ours = s.ours as ReturnType<typeof summarizeLoad> & { statementsPerKey: number; peakRssMb: number; flush: Record<string, number>; freshness: { postToNotifyMs: Summary; postToRowVisibleMs: Summary } };
+    const ours = s.ours as ReturnType<typeof summarizeLoad> & {
+      statementsPerKey: number;
+      peakRssMb: number;
+      flush: Record<string, number>;
+      freshness: { postToNotifyMs: Summary; postToRowVisibleMs: Summary };
+    };
     const naive = s.naive as ReturnType<typeof summarizeLoad> & { statementsPerKey: number };
-    rows.push([`steady (${fmt(s.agents)} agents x ${s.keys} keys / ${s.intervalMs} ms, ${s.seconds} s)`, 'ours', 'naive', 'ratio', 'target']);
+    rows.push([
+      `steady (${fmt(s.agents)} agents x ${s.keys} keys / ${s.intervalMs} ms, ${s.seconds} s)`,
+      'ours',
+      'naive',
+      'ratio',
+      'target',
+    ]);
     rows.push(['  requests/s', fmt(ours.requestsPerSecond), fmt(naive.requestsPerSecond), '', '']);
-    rows.push(['  latency p50 / p99 / max ms', `${ours.latencyMs.p50} / ${ours.latencyMs.p99} / ${ours.latencyMs.max}`, `${naive.latencyMs.p50} / ${naive.latencyMs.p99} / ${naive.latencyMs.max}`, '', `p99 <= 15 ms ${check(ours.latencyMs.p99 <= 15)}`]);
-    rows.push(['  SQL statements per key', fmt(ours.statementsPerKey, 5), fmt(naive.statementsPerKey, 5), `${s.fewerStatementsThanNaive}x fewer`, `>= 100x ${check(s.fewerStatementsThanNaive >= 100)}`]);
-    const counted = (m: unknown) => (m as { statements: number; transactionsCountedByPostgres?: number });
+    rows.push([
+      '  latency p50 / p99 / max ms',
+      `${ours.latencyMs.p50} / ${ours.latencyMs.p99} / ${ours.latencyMs.max}`,
+      `${naive.latencyMs.p50} / ${naive.latencyMs.p99} / ${naive.latencyMs.max}`,
+      '',
+      `p99 <= 15 ms ${check(ours.latencyMs.p99 <= 15)}`,
+    ]);
+    rows.push([
+      '  SQL statements per key',
+      fmt(ours.statementsPerKey, 5),
+      fmt(naive.statementsPerKey, 5),
+      `${s.fewerStatementsThanNaive}x fewer`,
+      `>= 100x ${check(s.fewerStatementsThanNaive >= 100)}`,
+    ]);
+    const counted = (m: unknown) => m as { statements: number; transactionsCountedByPostgres?: number };
     if (counted(ours).transactionsCountedByPostgres !== undefined) {
-      rows.push(['  statements: sent / Postgres counted', `${fmt(counted(ours).statements)} / ${fmt(counted(ours).transactionsCountedByPostgres)}`, `${fmt(counted(naive).statements)} / ${fmt(counted(naive).transactionsCountedByPostgres)}`, '', '']);
+      rows.push([
+        '  statements: sent / Postgres counted',
+        `${fmt(counted(ours).statements)} / ${fmt(counted(ours).transactionsCountedByPostgres)}`,
+        `${fmt(counted(naive).statements)} / ${fmt(counted(naive).transactionsCountedByPostgres)}`,
+        '',
+        '',
+      ]);
     }
-    rows.push(['  batches/s, rows/s', `${fmt(ours.flush.batchesPerSecond, 1)}, ${fmt(ours.flush.rowsPerSecond)}`, '-', '', '']);
+    rows.push([
+      '  batches/s, rows/s',
+      `${fmt(ours.flush.batchesPerSecond, 1)}, ${fmt(ours.flush.rowsPerSecond)}`,
+      '-',
+      '',
+      '',
+    ]);
     rows.push(['  mean batch, mean flush ms', `${ours.flush.meanBatchSize}, ${ours.flush.meanFlushMs}`, '-', '', '']);
     const fresh = ours.freshness;
-    rows.push(['  POST -> NOTIFY p50 / p99 ms', `${fresh.postToNotifyMs.p50} / ${fresh.postToNotifyMs.p99}`, '-', '', `p99 <= 50 ms (capacity flushes) ${check(fresh.postToNotifyMs.p99 <= 50)}`]);
-    rows.push([`  POST -> row visible p50 / p99 ms (±${POLL_MS})`, `${fresh.postToRowVisibleMs.p50} / ${fresh.postToRowVisibleMs.p99}`, '-', '', '']);
+    rows.push([
+      '  POST -> NOTIFY p50 / p99 ms',
+      `${fresh.postToNotifyMs.p50} / ${fresh.postToNotifyMs.p99}`,
+      '-',
+      '',
+      `p99 <= 50 ms (capacity flushes) ${check(fresh.postToNotifyMs.p99 <= 50)}`,
+    ]);
+    rows.push([
+      `  POST -> row visible p50 / p99 ms (±${POLL_MS})`,
+      `${fresh.postToRowVisibleMs.p50} / ${fresh.postToRowVisibleMs.p99}`,
+      '-',
+      '',
+      '',
+    ]);
     rows.push(['  peak RSS MB', fmt(ours.peakRssMb, 1), '-', '', '']);
   }
   if (report.burst) {
     const b = report.burst;
     rows.push([`burst (every agent at once)`, 'ours', '', '', '']);
     rows.push(['  requests, 429s', `${fmt(b.requests)}, ${fmt(b.statuses['429'] ?? 0)}`, '', '', '']);
-    rows.push(['  latency p50 / p99 / max ms', `${b.latencyMs.p50} / ${b.latencyMs.p99} / ${b.latencyMs.max}`, '', '', '']);
+    rows.push([
+      '  latency p50 / p99 / max ms',
+      `${b.latencyMs.p50} / ${b.latencyMs.p99} / ${b.latencyMs.max}`,
+      '',
+      '',
+      '',
+    ]);
     const bound = (report.options.flushIntervalMs as number) + 50;
-    rows.push(['  all flushed after ms (from the burst / from its last answer)', `${fmt(b.allFlushedAfterMs)} / ${fmt(b.lastFlushAfterLastAnswerMs)}`, '', '', `<= ${bound} after the last answer ${check(b.allFlushedAfterMs > 0 && b.lastFlushAfterLastAnswerMs <= bound)}`]);
+    rows.push([
+      '  all flushed after ms (from the burst / from its last answer)',
+      `${fmt(b.allFlushedAfterMs)} / ${fmt(b.lastFlushAfterLastAnswerMs)}`,
+      '',
+      '',
+      `<= ${bound} after the last answer ${check(b.allFlushedAfterMs > 0 && b.lastFlushAfterLastAnswerMs <= bound)}`,
+    ]);
     rows.push(['  peak RSS MB', fmt(b.peakRssMb, 1), '', '', '']);
   }
   if (report.overload) {
     const o = report.overload;
     rows.push([`overload (${fmt(o.requests)} requests, 256 connections)`, 'ours', '', '', '']);
-    rows.push(['  keys sent = accepted + dropped', `${fmt(o.keysSent)} = ${fmt(o.keysAccepted)} + ${fmt(o.keysDropped)}`, '', '', `exact ${check(o.acceptedPlusDroppedEqualsSent && o.serviceCountsAgree)}`]);
+    rows.push([
+      '  keys sent = accepted + dropped',
+      `${fmt(o.keysSent)} = ${fmt(o.keysAccepted)} + ${fmt(o.keysDropped)}`,
+      '',
+      '',
+      `exact ${check(o.acceptedPlusDroppedEqualsSent && o.serviceCountsAgree)}`,
+    ]);
     rows.push(['  requests/s, 429s', `${fmt(o.requestsPerSecond)}, ${fmt(o.statuses['429'] ?? 0)}`, '', '', '']);
     rows.push(['  peak RSS MB', fmt(o.peakRssMb, 1), '', '', `<= 256 ${check(o.peakRssMb <= 256)}`]);
   }
   const widths = rows[0]!.map((_, c) => Math.max(...rows.map((r) => (r[c] ?? '').length)));
   const machine = report.machine;
   const header = `metabatch bench: Node ${machine.node}, ${machine.cpus} cores (${machine.cpu}), ${machine.memoryGb} GB, Postgres ${machine.postgres}${machine.embedded ? ' (embedded)' : ''}, ${report.seconds} s`;
-  return [header, '', ...rows.map((r) => r.map((cell, c) => (cell ?? '').padEnd(widths[c]!)).join('  ').trimEnd())].join('\n');
+  return [
+    header,
+    '',
+    ...rows.map((r) =>
+      r
+        .map((cell, c) => (cell ?? '').padEnd(widths[c]!))
+        .join('  ')
+        .trimEnd(),
+    ),
+  ].join('\n');
 }

@@ -80,7 +80,12 @@ export const agentRoutes: FastifyPluginAsync<{
       if (rows === undefined) throw new HttpError(404, `agent ${agentId} not found`);
       return {
         definitions: rows.map(({ key, display_name, script, interval, timeout, display_order }) => ({
-          key, display_name, script, interval, timeout, display_order,
+          key,
+          display_name,
+          script,
+          interval,
+          timeout,
+          display_order,
         })),
       };
     },

@@ -13,18 +13,25 @@ export interface Health {
   flushesSucceeding(): boolean;
 }
 
-export const healthRoutes: FastifyPluginAsync<{ health: Health; registry: Registry }> = async (app, { health, registry }) => {
+export const healthRoutes: FastifyPluginAsync<{ health: Health; registry: Registry }> = async (
+  app,
+  { health, registry },
+) => {
   app.get('/healthz', async () => ({ status: 'ok' }));
 
   app.get('/readyz', async (_request, reply) => {
     if (health.shuttingDown) return reply.code(503).send({ status: 'shutting down', error: 'shutting down' });
     if (!health.flushesSucceeding()) {
-      return reply.code(503).send({ status: 'degraded', error: 'database writes are failing; updates are held and retried' });
+      return reply
+        .code(503)
+        .send({ status: 'degraded', error: 'database writes are failing; updates are held and retried' });
     }
     try {
       await health.pingDatabase();
     } catch (err) {
-      return reply.code(503).send({ status: 'database unreachable', error: `database unreachable: ${(err as Error).message}` });
+      return reply
+        .code(503)
+        .send({ status: 'database unreachable', error: `database unreachable: ${(err as Error).message}` });
     }
     return { status: 'ready' };
   });

@@ -54,7 +54,8 @@ export const ingestRoutes: FastifyPluginAsync<{ batcher: MetadataSink; authentic
       try {
         result = await batcher.add(caller.agentId, report.keys, report.values, report.errors, report.collectedAts);
       } catch (err) {
-        if (err instanceof BatcherClosedError) throw new HttpError(503, 'shutting down: retry against another replica or later');
+        if (err instanceof BatcherClosedError)
+          throw new HttpError(503, 'shutting down: retry against another replica or later');
         throw err;
       }
       if (result.dropped > 0) {

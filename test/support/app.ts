@@ -8,7 +8,6 @@ import type { Health } from '../../src/routes/health.js';
 import { WatchMetrics } from '../../src/metrics.js';
 import { WatchHub } from '../../src/watch.js';
 import { createLogger, type Logger } from '../../src/logger.js';
-import type { Clock } from '../../src/clock.js';
 import type { TestDatabase } from './db.js';
 import { createHarness, type Harness } from './harness.js';
 
@@ -42,7 +41,7 @@ export async function createAppHarness(
     flushesSucceeding: () => h.batcher.databaseUp,
   };
   const logger = options.logger ?? createLogger('silent');
-  const hub = new WatchHub({ source: h.store, metrics: new WatchMetrics(h.registry), logger, clock: h.clock as unknown as Clock });
+  const hub = new WatchHub({ source: h.store, metrics: new WatchMetrics(h.registry), logger, clock: h.clock });
   const app = buildApp({
     logger,
     store: h.store,

@@ -6,7 +6,6 @@ import { Registry } from 'prom-client';
 import { vi } from 'vitest';
 import { Batcher, type BatcherOptions, type MetadataBatch, type UpdateResult } from '../../src/batcher.js';
 import { subscribe, type Subscription } from '../../src/client.js';
-import type { Clock } from '../../src/clock.js';
 import { createLogger } from '../../src/logger.js';
 import { BatcherMetrics } from '../../src/metrics.js';
 import { Publisher } from '../../src/publisher.js';
@@ -94,7 +93,7 @@ export async function createHarness(
     ...(announce === 'publisher' ? { publisher } : {}),
     metrics: new BatcherMetrics(registry),
     logger: createLogger('silent'),
-    clock: clock as unknown as Clock,
+    clock: clock,
     ...batcherOptions,
   });
   return {
@@ -122,7 +121,11 @@ export async function createHarness(
   };
 }
 
-export async function metricValue(registry: Registry, name: string, labels: Record<string, string> = {}): Promise<number> {
+export async function metricValue(
+  registry: Registry,
+  name: string,
+  labels: Record<string, string> = {},
+): Promise<number> {
   // A histogram's series: name_count or name_sum of the histogram `name`.
   let base = name;
   let series: string | undefined;

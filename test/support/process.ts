@@ -19,10 +19,15 @@ export interface Spawned {
   waitFor(pattern: RegExp, timeoutMs?: number): Promise<void>;
 }
 
-export function run(command: string, args: string[], env: Record<string, string | undefined>, options: { detached?: boolean } = {}): Spawned {
+export function run(
+  command: string,
+  args: string[],
+  env: Record<string, string | undefined>,
+  options: { detached?: boolean } = {},
+): Spawned {
   const child = spawn(command, args, {
     cwd: ROOT,
-    env: { ...process.env, DATABASE_URL: undefined, ...env } as NodeJS.ProcessEnv,
+    env: { ...process.env, DATABASE_URL: undefined, ...env },
     stdio: ['ignore', 'pipe', 'pipe'],
     detached: options.detached ?? false,
   });
@@ -30,11 +35,11 @@ export function run(command: string, args: string[], env: Record<string, string 
   let err = '';
   const waiters: (() => void)[] = [];
   const notify = () => waiters.splice(0).forEach((w) => w());
-  child.stdout!.on('data', (chunk: Buffer) => {
+  child.stdout.on('data', (chunk: Buffer) => {
     out += chunk.toString();
     notify();
   });
-  child.stderr!.on('data', (chunk: Buffer) => {
+  child.stderr.on('data', (chunk: Buffer) => {
     err += chunk.toString();
     notify();
   });
@@ -53,14 +58,24 @@ export function run(command: string, args: string[], env: Record<string, string 
     exited,
     waitFor(pattern, timeoutMs = 30_000) {
       return new Promise((resolve, reject) => {
-        const timer = setTimeout(() => reject(new Error(`timed out waiting for ${pattern}; stdout: ${out.slice(-2000)} stderr: ${err.slice(-2000)}`)), timeoutMs);
+        const timer = setTimeout(
+          () =>
+            reject(
+              new Error(`timed out waiting for ${pattern}; stdout: ${out.slice(-2000)} stderr: ${err.slice(-2000)}`),
+            ),
+          timeoutMs,
+        );
         const check = () => {
           if (pattern.test(out) || pattern.test(err)) {
             clearTimeout(timer);
             resolve();
           } else if (child.exitCode !== null || child.signalCode !== null) {
             clearTimeout(timer);
-            reject(new Error(`exited (${child.exitCode ?? child.signalCode}) before ${pattern}; stdout: ${out.slice(-2000)} stderr: ${err.slice(-2000)}`));
+            reject(
+              new Error(
+                `exited (${child.exitCode ?? child.signalCode}) before ${pattern}; stdout: ${out.slice(-2000)} stderr: ${err.slice(-2000)}`,
+              ),
+            );
           } else {
             waiters.push(check);
           }
