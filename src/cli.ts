@@ -5,8 +5,7 @@
 import { parseArgs } from 'node:util';
 import type { Config } from './config.js';
 import { ConfigError, loadConfig } from './config.js';
-import { createPool, migrate } from './database.js';
-import { EmbeddedPostgres } from './embedded.js';
+import { createPool, migrate, openDatabase } from './database.js';
 import { destination } from 'pino';
 import { createLogger, type Logger } from './logger.js';
 import { startService, type Service } from './main.js';
@@ -73,18 +72,16 @@ async function main(argv: string[]): Promise<number> {
 
 /** Runs `work` against DATABASE_URL, the running service's embedded Postgres, or one started for the occasion. */
 async function withDatabase(config: Config, log: Logger, work: (url: string) => Promise<number>): Promise<number> {
-  if (config.databaseUrl) return work(config.databaseUrl);
-  const embedded = new EmbeddedPostgres({
+  const database = await openDatabase({
+    databaseUrl: config.databaseUrl,
     dataDir: config.dataDir,
-    log: log.child({ component: 'embedded-postgres' }),
+    log,
+    reuseRunning: true,
   });
-  const running = await embedded.runningUrl();
-  if (running) return work(running);
-  const url = await embedded.start();
   try {
-    return await work(url);
+    return await work(database.url);
   } finally {
-    await embedded.stop();
+    await database.close();
   }
 }
 

@@ -7,8 +7,7 @@
 
 import pgListen from 'pg-listen';
 import { decodeAgentIdChunk } from './agentIdChunks.js';
-
-export const DEFAULT_CHANNEL = 'workspace_agent_metadata_batch';
+import { DEFAULT_NOTIFY_CHANNEL } from './config.js';
 
 export interface SubscribeOptions {
   /** postgres:// URL of the database metabatch writes to. */
@@ -44,7 +43,7 @@ const createSubscriber = pgListen.default;
 
 /** Starts listening; resolves once the LISTEN is in place. */
 export async function subscribe(options: SubscribeOptions): Promise<Subscription> {
-  const channel = options.channel ?? DEFAULT_CHANNEL;
+  const channel = options.channel ?? DEFAULT_NOTIFY_CHANNEL;
   const onError = options.onError ?? (() => undefined);
   let closed = false;
   let firstConnect = true;

@@ -1,6 +1,42 @@
-// Every default of metabatch lives here. Each setting comes from one env var,
-// is validated at start-up, and a bad value stops the process with one line
-// that names the variable and what is allowed.
+// Every default of metabatch lives here: the service reads each setting from
+// one env var, validates it at start-up, and stops with one line that names
+// the variable and what is allowed; the library's constructors take their
+// defaults from `DEFAULTS`, so a default is written once.
+
+/** The NOTIFY channel of the original (coder's `workspace_agent_metadata_batch`). */
+export const DEFAULT_NOTIFY_CHANNEL = 'workspace_agent_metadata_batch';
+
+export const DEFAULTS = {
+  dataDir: '.metabatch',
+  host: '127.0.0.1',
+  port: 8080,
+  // The original's: 500 entries fit 30-100 agents of 5-15 keys each.
+  batchSize: 500,
+  // The original's: 5 s balances database load against how fresh a UI is.
+  flushIntervalMs: 5000,
+  // The original's: 5x the batch gives headroom for bursts while a batch is
+  // being flushed (the channel is where reports wait meanwhile).
+  channelMultiplier: 5,
+  // The original's: a fresh 15 s bounds the flush at shutdown, retries included.
+  finalFlushTimeoutMs: 15_000,
+  // While flushes fail the batch is kept and merged into. Ten batches of
+  // distinct keys (5,000 by default) hold every key of ~500 agents of 10
+  // keys, and cost at most ~21 MB even with every value and error at the
+  // 2048-byte limit; far less in practice.
+  heldKeysPerBatch: 10,
+  notifyChannel: DEFAULT_NOTIFY_CHANNEL,
+  logLevel: 'info',
+  // Ten connections serve the flush, the API, the token lookups and the
+  // watchers' reads with room to spare; more would only queue inside Postgres.
+  poolSize: 10,
+  // Retries of a failed flush (and of a failed NOTIFY): 100 ms retries a blip
+  // (a failover, a killed backend) at once; 30 s keeps a long outage to two
+  // attempts a minute.
+  retry: { initialMs: 100, maxMs: 30_000 },
+  // Reconnects of a LISTEN connection: the same start, a small cap, since a
+  // listener that missed batches is stale until it is back.
+  reconnect: { initialMs: 100, maxMs: 5000 },
+} as const;
 
 export interface Config {
   /** Postgres to use; undefined means an embedded Postgres under `dataDir`. */
@@ -14,7 +50,7 @@ export interface Config {
   /** Channel capacity is batchSize * channelMultiplier. */
   channelMultiplier: number;
   finalFlushTimeoutMs: number;
-  /** Distinct keys the batcher may hold while the database is failing. */
+  /** Distinct keys the batcher may hold while flushes are failing; new keys beyond it are refused. */
   maxHeldKeys: number;
   notifyChannel: string;
   adminToken: string | undefined;
@@ -26,19 +62,6 @@ export class ConfigError extends Error {
 }
 
 type Env = Record<string, string | undefined>;
-
-// The original's defaults (seeds/002): 500 entries fit 30-100 agents of 5-15
-// keys; a 5x channel gives headroom for bursts while a batch is flushed; 5 s
-// balances database load against UI latency; 15 s bounds the final flush.
-const DEFAULT_BATCH_SIZE = 500;
-const DEFAULT_CHANNEL_MULTIPLIER = 5;
-const DEFAULT_FLUSH_INTERVAL_MS = 5000;
-const DEFAULT_FINAL_FLUSH_TIMEOUT_MS = 15_000;
-// While Postgres is down the batch is kept and merged into. Ten batches of
-// distinct keys (5,000 by default) hold every key of ~500 agents of 10 keys,
-// and cost at most ~21 MB even if every value and error were at the 2048-byte
-// limit; far less in practice.
-const HELD_KEYS_MULTIPLIER = 10;
 
 const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'];
 
@@ -63,17 +86,17 @@ export function loadConfig(env: Env = process.env): Config {
   if (databaseUrl !== undefined && !/^postgres(ql)?:\/\//.test(databaseUrl)) {
     throw new ConfigError('DATABASE_URL must be a postgres:// or postgresql:// URL');
   }
-  const batchSize = integer(env, 'BATCH_SIZE', DEFAULT_BATCH_SIZE, 1, 100_000);
-  const channelMultiplier = integer(env, 'CHANNEL_MULTIPLIER', DEFAULT_CHANNEL_MULTIPLIER, 1, 1000);
+  const batchSize = integer(env, 'BATCH_SIZE', DEFAULTS.batchSize, 1, 100_000);
+  const channelMultiplier = integer(env, 'CHANNEL_MULTIPLIER', DEFAULTS.channelMultiplier, 1, 1000);
   if (batchSize * channelMultiplier > 10_000_000) {
     throw new ConfigError('BATCH_SIZE * CHANNEL_MULTIPLIER must be at most 10000000');
   }
-  const notifyChannel = text(env, 'NOTIFY_CHANNEL') ?? 'workspace_agent_metadata_batch';
+  const notifyChannel = text(env, 'NOTIFY_CHANNEL') ?? DEFAULTS.notifyChannel;
   // An identifier Postgres accepts unquoted in LISTEN, and at most 63 bytes.
   if (!/^[a-z_][a-z0-9_]{0,62}$/.test(notifyChannel)) {
     throw new ConfigError('NOTIFY_CHANNEL must be 1-63 characters of a-z, 0-9 and _, not starting with a digit');
   }
-  const logLevel = text(env, 'LOG_LEVEL') ?? 'info';
+  const logLevel = text(env, 'LOG_LEVEL') ?? DEFAULTS.logLevel;
   if (!LOG_LEVELS.includes(logLevel)) {
     throw new ConfigError(`LOG_LEVEL must be one of ${LOG_LEVELS.join(', ')} (got ${JSON.stringify(logLevel)})`);
   }
@@ -83,14 +106,14 @@ export function loadConfig(env: Env = process.env): Config {
   }
   return {
     databaseUrl,
-    dataDir: text(env, 'DATA_DIR') ?? '.metabatch',
-    host: text(env, 'HOST') ?? '127.0.0.1',
-    port: integer(env, 'PORT', 8080, 0, 65535),
+    dataDir: text(env, 'DATA_DIR') ?? DEFAULTS.dataDir,
+    host: text(env, 'HOST') ?? DEFAULTS.host,
+    port: integer(env, 'PORT', DEFAULTS.port, 0, 65535),
     batchSize,
-    flushIntervalMs: integer(env, 'FLUSH_INTERVAL_MS', DEFAULT_FLUSH_INTERVAL_MS, 1, 3_600_000),
+    flushIntervalMs: integer(env, 'FLUSH_INTERVAL_MS', DEFAULTS.flushIntervalMs, 1, 3_600_000),
     channelMultiplier,
-    finalFlushTimeoutMs: integer(env, 'FINAL_FLUSH_TIMEOUT_MS', DEFAULT_FINAL_FLUSH_TIMEOUT_MS, 1, 3_600_000),
-    maxHeldKeys: integer(env, 'MAX_HELD_KEYS', batchSize * HELD_KEYS_MULTIPLIER, batchSize, 100_000_000),
+    finalFlushTimeoutMs: integer(env, 'FINAL_FLUSH_TIMEOUT_MS', DEFAULTS.finalFlushTimeoutMs, 1, 3_600_000),
+    maxHeldKeys: integer(env, 'MAX_HELD_KEYS', batchSize * DEFAULTS.heldKeysPerBatch, batchSize, 100_000_000),
     notifyChannel,
     adminToken,
     logLevel,

@@ -1,27 +1,88 @@
-// The connection pool and the schema. Migrations are the numbered files in
-// sql/, applied by postgrator at start-up under an advisory lock so that
-// several replicas starting together apply each migration once.
+// The database: where it is (DATABASE_URL, or an embedded Postgres), the
+// connection pool, and the schema. Migrations are the numbered files in sql/,
+// applied by postgrator at start-up under an advisory lock so that several
+// replicas starting together apply each migration once.
 
 import { fileURLToPath } from 'node:url';
 import pg from 'pg';
 import type { Logger } from 'pino';
 import Postgrator from 'postgrator';
 import { Counter, type Registry } from 'prom-client';
+import { DEFAULTS } from './config.js';
+import { EmbeddedPostgres } from './embedded.js';
 
 export const SQL_DIR = fileURLToPath(new URL('../sql/', import.meta.url));
 
 // Any constant shared by every metabatch process; 'mb' 'mi' in ASCII.
 const MIGRATION_LOCK_ID = 0x6d62_6d69;
 
-// Ten connections serve the flush, the NOTIFY, the API and the watchers'
-// refetches with room to spare; more would only queue inside Postgres.
-const POOL_SIZE = 10;
 // A dead database must fail a flush, not hang it: the batcher retries.
 const CONNECT_TIMEOUT_MS = 5000;
 const QUERY_TIMEOUT_MS = 30_000;
 
+export interface OpenDatabaseOptions {
+  /** A Postgres of one's own; when unset, an embedded Postgres under `dataDir`. */
+  databaseUrl: string | undefined;
+  dataDir: string;
+  log: Logger;
+  /** The embedded cluster's database to create and connect to; default `metabatch`. */
+  database?: string;
+  /**
+   * Use the embedded Postgres a running `metabatch serve` already runs on
+   * `dataDir`, if any (the CLI's commands). Otherwise a second process on one
+   * DATA_DIR is refused.
+   */
+  reuseRunning?: boolean;
+}
+
+export interface Database {
+  url: string;
+  /** Whether an embedded Postgres was started for it (and is stopped by close). */
+  embedded: boolean;
+  /** Stops the embedded Postgres this started; nothing otherwise. Idempotent. */
+  close(): Promise<void>;
+}
+
+/** The database to use: DATABASE_URL, or an embedded Postgres under DATA_DIR. */
+export async function openDatabase(options: OpenDatabaseOptions): Promise<Database> {
+  const none = async () => undefined;
+  if (options.databaseUrl) return { url: options.databaseUrl, embedded: false, close: none };
+  const embedded = new EmbeddedPostgres({
+    dataDir: options.dataDir,
+    log: options.log.child({ component: 'embedded-postgres' }),
+    ...(options.database ? { database: options.database } : {}),
+  });
+  if (options.reuseRunning) {
+    const running = await embedded.runningUrl();
+    if (running) return { url: running, embedded: false, close: none };
+  }
+  const url = await embedded.start();
+  return { url, embedded: true, close: () => embedded.stop() };
+}
+
+/** The same server's URL with another database name. */
+export function databaseUrlFor(serverUrl: string, database: string): string {
+  const parsed = new URL(serverUrl);
+  parsed.pathname = `/${database}`;
+  return parsed.toString();
+}
+
+/** Creates `name` on the server of `serverUrl` (dropping one of that name first), optionally from a template. */
+export async function recreateDatabase(serverUrl: string, name: string, template?: string): Promise<string> {
+  const admin = new pg.Client({ connectionString: databaseUrlFor(serverUrl, 'postgres') });
+  await admin.connect();
+  try {
+    await admin.query(`DROP DATABASE IF EXISTS ${admin.escapeIdentifier(name)} WITH (FORCE)`);
+    const from = template ? ` TEMPLATE ${admin.escapeIdentifier(template)}` : '';
+    await admin.query(`CREATE DATABASE ${admin.escapeIdentifier(name)}${from}`);
+  } finally {
+    await admin.end();
+  }
+  return databaseUrlFor(serverUrl, name);
+}
+
 export interface PoolOptions {
-  /** Connections at most; default 10. */
+  /** Connections at most; default `DEFAULTS.poolSize`. */
   max?: number;
   /** Registers metabatch_database_statements_total, counting every statement the pool's connections send. */
   registry?: Registry;
@@ -38,7 +99,7 @@ export interface PoolOptions {
 export function createPool(databaseUrl: string, log: Logger, options: PoolOptions = {}): pg.Pool {
   const pool = new pg.Pool({
     connectionString: databaseUrl,
-    max: options.max ?? POOL_SIZE,
+    max: options.max ?? DEFAULTS.poolSize,
     connectionTimeoutMillis: CONNECT_TIMEOUT_MS,
     query_timeout: QUERY_TIMEOUT_MS,
     application_name: 'metabatch',

@@ -11,8 +11,7 @@ import { AgentAuthenticator } from './auth.js';
 import { Batcher, type CloseResult } from './batcher.js';
 import { subscribe, type Subscription } from './client.js';
 import type { Config } from './config.js';
-import { createPool, migrate } from './database.js';
-import { EmbeddedPostgres } from './embedded.js';
+import { createPool, migrate, openDatabase } from './database.js';
 import type { Logger } from './logger.js';
 import { BatcherMetrics, WatchMetrics } from './metrics.js';
 import type { Health } from './routes/health.js';
@@ -35,18 +34,9 @@ export interface Service {
   abort(): Promise<string | undefined>;
 }
 
-/** The database to use: DATABASE_URL, or an embedded Postgres under DATA_DIR. */
-export async function openDatabase(config: Config, log: Logger): Promise<{ url: string; embedded?: EmbeddedPostgres }> {
-  if (config.databaseUrl) return { url: config.databaseUrl };
-  const embedded = new EmbeddedPostgres({
-    dataDir: config.dataDir,
-    log: log.child({ component: 'embedded-postgres' }),
-  });
-  return { url: await embedded.start(), embedded };
-}
-
 export async function startService(config: Config, log: Logger): Promise<Service> {
-  const { url, embedded } = await openDatabase(config, log);
+  const database = await openDatabase({ databaseUrl: config.databaseUrl, dataDir: config.dataDir, log });
+  const url = database.url;
   let pool: pg.Pool | undefined;
   try {
     const registry = new Registry();
@@ -114,7 +104,7 @@ export async function startService(config: Config, log: Logger): Promise<Service
     app.addHook('preClose', async () => watchHub.close());
     const address = await app.listen({ host: config.host, port: config.port });
     log.info(
-      { address, embedded: embedded !== undefined, channel: config.notifyChannel },
+      { address, embedded: database.embedded, channel: config.notifyChannel },
       `metabatch listening on ${address}`,
     );
 
@@ -135,7 +125,7 @@ export async function startService(config: Config, log: Logger): Promise<Service
         }
         await listener.close();
         await activePool.end();
-        await embedded?.stop();
+        await database.close();
         log.info({ flushed: result.flushed }, 'stopped');
         return { ...result, ...(spillFile ? { spillFile } : {}) };
       })());
@@ -149,13 +139,13 @@ export async function startService(config: Config, log: Logger): Promise<Service
           'second signal: held metadata written to the spill file without flushing',
         );
       }
-      await embedded?.stop();
+      await database.close();
       return file;
     };
     return { app, batcher, address, databaseUrl: url, stop, abort };
   } catch (err) {
     await pool?.end().catch(() => undefined);
-    await embedded?.stop();
+    await database.close();
     throw err;
   }
 }

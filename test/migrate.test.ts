@@ -5,15 +5,14 @@ import { randomBytes } from 'node:crypto';
 import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { inject } from 'vitest';
-import { createPool, migrate } from '../src/database.js';
+import { createPool, databaseUrlFor, migrate } from '../src/database.js';
 import { createLogger } from '../src/logger.js';
-import { withDatabase } from './support/globalSetup.js';
 
 const name = `m_${randomBytes(6).toString('hex')}`;
 let admin: pg.Client;
 
 beforeAll(async () => {
-  admin = new pg.Client({ connectionString: withDatabase(inject('serverUrl'), 'postgres') });
+  admin = new pg.Client({ connectionString: databaseUrlFor(inject('serverUrl'), 'postgres') });
   await admin.connect();
   await admin.query(`CREATE DATABASE ${name}`);
 });
@@ -25,7 +24,9 @@ afterAll(async () => {
 describe('migrations', () => {
   it('apply each numbered file once, even when four processes migrate at the same time', async () => {
     const log = createLogger('silent');
-    const pools = Array.from({ length: 4 }, () => createPool(withDatabase(inject('serverUrl'), name), log, { max: 1 }));
+    const pools = Array.from({ length: 4 }, () =>
+      createPool(databaseUrlFor(inject('serverUrl'), name), log, { max: 1 }),
+    );
     try {
       const applied = await Promise.all(pools.map((pool) => migrate(pool, log)));
       expect(applied.flat().sort()).toEqual(['001.do.workspace-agents.sql', '002.do.workspace-agent-metadata.sql']);

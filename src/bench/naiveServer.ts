@@ -9,6 +9,7 @@ import { encodeAgentId } from '../agentIdChunks.js';
 import { buildApp } from '../app.js';
 import { AgentAuthenticator } from '../auth.js';
 import type { AddResult } from '../batcher.js';
+import { DEFAULT_NOTIFY_CHANNEL } from '../config.js';
 import { createPool } from '../database.js';
 import { createLogger } from '../logger.js';
 import { WatchMetrics } from '../metrics.js';
@@ -46,7 +47,7 @@ const hub = new WatchHub({ source: store, metrics: new WatchMetrics(registry), l
 const app = buildApp({
   logger: log,
   store,
-  batcher: new NaiveSink(pool, process.env.NOTIFY_CHANNEL ?? 'workspace_agent_metadata_batch'),
+  batcher: new NaiveSink(pool, process.env.NOTIFY_CHANNEL ?? DEFAULT_NOTIFY_CHANNEL),
   auth: new AgentAuthenticator(store),
   registry,
   health: { shuttingDown: false, pingDatabase: async () => undefined, flushesSucceeding: () => true },

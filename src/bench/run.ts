@@ -3,7 +3,7 @@
 // table and written as JSON (--json FILE). See README "Performance".
 
 import { spawn, type ChildProcess } from 'node:child_process';
-import { randomBytes, randomUUID } from 'node:crypto';
+import { randomBytes } from 'node:crypto';
 import { readdirSync, readFileSync } from 'node:fs';
 import fs from 'node:fs/promises';
 import os from 'node:os';
@@ -14,16 +14,16 @@ import pg from 'pg';
 import { Registry } from 'prom-client';
 import { Batcher, type MetadataBatch, type UpdateResult } from '../batcher.js';
 import { subscribe } from '../client.js';
-import { createPool, migrate } from '../database.js';
-import { EmbeddedPostgres } from '../embedded.js';
+import { DEFAULT_NOTIFY_CHANNEL } from '../config.js';
+import { createPool, migrate, openDatabase, recreateDatabase } from '../database.js';
 import { createLogger } from '../logger.js';
 import { BatcherMetrics } from '../metrics.js';
-import { guardedUpdate, hashToken, MetadataStore, updateMetadataReturningAgents } from '../store.js';
+import { provisionAgents } from '../provision.js';
+import { guardedUpdate, MetadataStore, updateMetadataReturningAgents } from '../store.js';
 import type { LoadConfig, LoadResult } from './loadgen.js';
 import { round, summarize, type Summary } from './stats.js';
 
 const DIST = path.dirname(path.dirname(fileURLToPath(import.meta.url)));
-const CHANNEL = 'workspace_agent_metadata_batch';
 const BATCH_SIZE = 500;
 const log = createLogger('warn');
 
@@ -94,14 +94,14 @@ export async function runBench(argv: string[]): Promise<number> {
   const work = await fs.mkdtemp(path.join(os.tmpdir(), 'metabatch-bench-'));
   // Reachable by the postgres OS user when running as root.
   await fs.chmod(work, 0o711);
-  let embedded: EmbeddedPostgres | undefined;
+  const server = await openDatabase({
+    databaseUrl: process.env.DATABASE_URL,
+    dataDir: path.join(work, 'pg'),
+    log,
+    database: 'postgres',
+  });
   try {
-    let serverUrl = process.env.DATABASE_URL;
-    if (!serverUrl) {
-      embedded = new EmbeddedPostgres({ dataDir: path.join(work, 'pg'), log, database: 'postgres' });
-      serverUrl = await embedded.start();
-    }
-    const databaseUrl = await freshDatabase(serverUrl, 'metabatch_bench');
+    const databaseUrl = await recreateDatabase(server.url, 'metabatch_bench');
     // The service's session settings (asynchronous commit), so the raw limits compare like with like.
     const pool = createPool(databaseUrl, log, { max: 4, asyncCommit: true });
     try {
@@ -121,7 +121,7 @@ export async function runBench(argv: string[]): Promise<number> {
           cpu: os.cpus()[0]?.model ?? '',
           memoryGb: round(os.totalmem() / 2 ** 30, 1),
           postgres: version,
-          embedded: embedded !== undefined,
+          embedded: server.embedded,
         },
         options: { ...options, scenarios: [...options.scenarios] },
         flush: await flushLimits(context),
@@ -141,7 +141,7 @@ export async function runBench(argv: string[]): Promise<number> {
     }
     return 0;
   } finally {
-    await embedded?.stop();
+    await server.close();
     await fs.rm(work, { recursive: true, force: true });
   }
 }
@@ -178,42 +178,9 @@ function progress(message: string): void {
   process.stderr.write(`bench: [${((Date.now() - benchStart) / 1000).toFixed(1)} s] ${message}\n`);
 }
 
-async function freshDatabase(serverUrl: string, name: string): Promise<string> {
-  const admin = new pg.Client({ connectionString: withDatabase(serverUrl, 'postgres') });
-  await admin.connect();
-  try {
-    await admin.query(`DROP DATABASE IF EXISTS ${name} WITH (FORCE)`);
-    await admin.query(`CREATE DATABASE ${name}`);
-  } finally {
-    await admin.end();
-  }
-  return withDatabase(serverUrl, name);
-}
-
-function withDatabase(url: string, database: string): string {
-  const parsed = new URL(url);
-  parsed.pathname = `/${database}`;
-  return parsed.toString();
-}
-
-/** Agents with known tokens and declared keys, straight in SQL. */
+/** Agents with known tokens and declared keys, also written to `file` for the load generator. */
 async function provision(pool: pg.Pool, count: number, keys: string[], file: string): Promise<Agent[]> {
-  const agents = Array.from({ length: count }, () => ({
-    id: randomUUID(),
-    token: `mbt_${randomBytes(24).toString('base64url')}`,
-  }));
-  for (let i = 0; i < agents.length; i += 5000) {
-    const slice = agents.slice(i, i + 5000);
-    await pool.query(
-      `INSERT INTO workspace_agents (id, name, token_hash) SELECT * FROM unnest($1::uuid[], $2::text[], $3::bytea[])`,
-      [slice.map((a) => a.id), slice.map((_, j) => `bench-${i + j}`), slice.map((a) => hashToken(a.token))],
-    );
-    await pool.query(
-      `INSERT INTO workspace_agent_metadata (workspace_agent_id, key, display_name, script, interval, timeout)
-       SELECT a.id, k.key, k.key, '', 0, 0 FROM unnest($1::uuid[]) AS a(id) CROSS JOIN unnest($2::text[]) AS k(key)`,
-      [slice.map((a) => a.id), keys],
-    );
-  }
+  const agents = await provisionAgents(pool, count, keys, 'bench');
   await pool.query('VACUUM ANALYZE workspace_agent_metadata');
   await fs.writeFile(file, JSON.stringify(agents));
   return agents;
@@ -246,7 +213,7 @@ async function flushLimits(context: Context) {
     }
     return batch;
   };
-  const store = new MetadataStore(pool, { notifyChannel: CHANNEL });
+  const store = new MetadataStore(pool, { notifyChannel: DEFAULT_NOTIFY_CHANNEL });
   const flushDurations: number[] = [];
   const timedStore = {
     async updateMetadata(batch: MetadataBatch): Promise<UpdateResult> {

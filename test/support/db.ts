@@ -1,12 +1,13 @@
 // A database of its own for each test file, cloned from the migrated
 // template: files stay independent, NOTIFY channels included.
 
-import { randomBytes, randomUUID } from 'node:crypto';
+import { randomBytes } from 'node:crypto';
 import pg from 'pg';
 import { afterAll, afterEach, beforeAll, inject } from 'vitest';
-import { createPool } from '../../src/database.js';
+import { createPool, databaseUrlFor, recreateDatabase } from '../../src/database.js';
 import { createLogger } from '../../src/logger.js';
-import { TEMPLATE_DATABASE, withDatabase } from './globalSetup.js';
+import { provisionAgents } from '../../src/provision.js';
+import { TEMPLATE_DATABASE } from './globalSetup.js';
 
 export interface TestDatabase {
   url: string;
@@ -19,35 +20,17 @@ export interface TestDatabase {
 export async function createTestDatabase(): Promise<TestDatabase> {
   const serverUrl = inject('serverUrl');
   const name = `t_${randomBytes(6).toString('hex')}`;
-  const admin = new pg.Client({ connectionString: withDatabase(serverUrl, 'postgres') });
-  await admin.connect();
-  try {
-    await admin.query(`CREATE DATABASE ${name} TEMPLATE ${TEMPLATE_DATABASE}`);
-  } finally {
-    await admin.end();
-  }
-  const url = withDatabase(serverUrl, name);
+  const url = await recreateDatabase(serverUrl, name, TEMPLATE_DATABASE);
   const pool = createPool(url, createLogger('silent'), { max: 10 });
   return {
     url,
     pool,
     async createAgents(count, keys = ['key1']) {
-      const ids = Array.from({ length: count }, () => randomUUID());
-      await pool.query(
-        `INSERT INTO workspace_agents (id, name, token_hash)
-         SELECT id, 'agent-' || n, decode(md5(id::text), 'hex') FROM unnest($1::uuid[]) WITH ORDINALITY AS a(id, n)`,
-        [ids],
-      );
-      await pool.query(
-        `INSERT INTO workspace_agent_metadata (workspace_agent_id, key, display_name, script, interval, timeout)
-         SELECT a.id, k.key, k.key, '', 0, 0 FROM unnest($1::uuid[]) AS a(id) CROSS JOIN unnest($2::text[]) AS k(key)`,
-        [ids, keys],
-      );
-      return ids;
+      return (await provisionAgents(pool, count, keys)).map((agent) => agent.id);
     },
     async drop() {
       await pool.end();
-      const dropper = new pg.Client({ connectionString: withDatabase(serverUrl, 'postgres') });
+      const dropper = new pg.Client({ connectionString: databaseUrlFor(serverUrl, 'postgres') });
       await dropper.connect();
       try {
         await dropper.query(`DROP DATABASE IF EXISTS ${name} WITH (FORCE)`);

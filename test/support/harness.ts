@@ -6,13 +6,14 @@ import { Registry } from 'prom-client';
 import { vi } from 'vitest';
 import { Batcher, type BatcherOptions, type MetadataBatch, type UpdateResult } from '../../src/batcher.js';
 import { subscribe, type Subscription } from '../../src/client.js';
+import { DEFAULT_NOTIFY_CHANNEL } from '../../src/config.js';
 import { createLogger } from '../../src/logger.js';
 import { BatcherMetrics } from '../../src/metrics.js';
 import { Publisher } from '../../src/publisher.js';
 import { MetadataStore } from '../../src/store.js';
 import type { TestDatabase } from './db.js';
 
-export const CHANNEL = 'workspace_agent_metadata_batch';
+export const CHANNEL = DEFAULT_NOTIFY_CHANNEL;
 
 export type FakeClock = ReturnType<typeof FakeTimers.createClock>;
 
