@@ -4,7 +4,7 @@
 import { describe, expect, it, vi } from 'vitest';
 import { closedAfterEach, testDatabase } from './support/db.js';
 import { ADMIN_TOKEN, createAppHarness, type AppHarness } from './support/app.js';
-import { BODY_LIMIT_BYTES } from '../src/app.js';
+import { BODY_LIMIT_BYTES } from '../src/limits.js';
 
 const db = testDatabase();
 const appHarness = closedAfterEach((options: Parameters<typeof createAppHarness>[1] = {}) =>

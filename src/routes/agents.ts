@@ -3,7 +3,8 @@
 
 import type { FastifyPluginAsync } from 'fastify';
 import type { AgentAuthenticator } from '../auth.js';
-import { HttpError, type Authenticate } from '../app.js';
+import type { Authenticate } from '../access.js';
+import { HttpError } from '../errors.js';
 import { MAX_KEY_CHARS } from '../report.js';
 import type { MetadataDefinition, MetadataStore } from '../store.js';
 

@@ -4,7 +4,8 @@
 import type { FastifyPluginAsync } from 'fastify';
 import { BatcherClosedError, type AddResult, type Batcher } from '../batcher.js';
 import { MAX_ALL_KEYS_BYTES, MAX_KEY_CHARS, normalizeReport, type ReportItem } from '../report.js';
-import { HttpError, type Authenticate } from '../app.js';
+import type { Authenticate } from '../access.js';
+import { HttpError } from '../errors.js';
 
 const reportSchema = {
   type: 'object',

@@ -2,7 +2,8 @@
 // Auth: the admin token, or the agent's own token.
 
 import type { FastifyPluginAsync } from 'fastify';
-import { HttpError, type Authenticate } from '../app.js';
+import type { Authenticate } from '../access.js';
+import { HttpError } from '../errors.js';
 import type { MetadataStore } from '../store.js';
 import { toView, type WatchHub } from '../watch.js';
 

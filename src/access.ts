@@ -1,0 +1,123 @@
+// Who may call what: the onRequest hooks that authenticate a request and set
+// `request.caller`, by the admin token or an agent's token. Refused requests
+// fail with an HttpError (401, 403; 503 when a token cannot be checked).
+
+import type { FastifyReply, FastifyRequest, HookHandlerDoneFunction } from 'fastify';
+import { isUuid } from './agentIdChunks.js';
+import { bearerToken, secretsEqual, type AgentAuthenticator } from './auth.js';
+import { HttpError } from './errors.js';
+import { BODY_LIMIT_BYTES } from './limits.js';
+
+/** Who a request speaks for: the admin, or one agent. */
+export type Caller = { kind: 'admin' } | { kind: 'agent'; agentId: string };
+
+declare module 'fastify' {
+  interface FastifyRequest {
+    caller: Caller | undefined;
+  }
+}
+
+/** An onRequest hook that sets `request.caller`, or fails with an HttpError. */
+export type Authenticate = (request: FastifyRequest, reply: FastifyReply, done: HookHandlerDoneFunction) => void;
+
+/**
+ * A callback-style hook around a check that is synchronous when the token is
+ * cached (the common case: no promise, no extra tick), and a promise when it
+ * must ask the database.
+ */
+function hook(check: (request: FastifyRequest) => void | Promise<void>): Authenticate {
+  return (request, _reply, done) => {
+    let pending: void | Promise<void>;
+    try {
+      refuseOversizeBody(request);
+      pending = check(request);
+    } catch (err) {
+      done(err as Error);
+      return;
+    }
+    if (pending) pending.then(() => done(), done);
+    else done();
+  };
+}
+
+/**
+ * 413 from Content-Length before the body is read, so the client sees the
+ * answer instead of a connection reset mid-upload. (Every route with a body
+ * authenticates, so the check rides on that one hook.)
+ */
+function refuseOversizeBody(request: FastifyRequest): void {
+  const length = Number(request.headers['content-length'] ?? 0);
+  if (length > BODY_LIMIT_BYTES) {
+    throw new HttpError(413, `request body of ${length} bytes exceeds the limit of ${BODY_LIMIT_BYTES} bytes`);
+  }
+}
+
+function requireAgentIdParam(request: FastifyRequest): string | undefined {
+  const agentId = (request.params as { agentId?: string }).agentId;
+  if (agentId !== undefined && !isUuid(agentId))
+    throw new HttpError(400, `agentId must be a UUID (got ${JSON.stringify(agentId)})`);
+  return agentId?.toLowerCase();
+}
+
+function adminMatches(adminToken: string | undefined, token: string | undefined): boolean {
+  return adminToken !== undefined && token !== undefined && secretsEqual(token, adminToken);
+}
+
+/**
+ * Sets the caller to the token's agent: 401 for an unknown token, 403 for
+ * another agent's, 503 when the database cannot answer. Synchronous when the
+ * token is cached, a promise when it must be looked up.
+ */
+function asTokenAgent(
+  request: FastifyRequest,
+  auth: AgentAuthenticator,
+  token: string,
+  agentId: string | undefined,
+  unknown: string,
+): void | Promise<void> {
+  const accept = (owner: string | undefined): void => {
+    if (owner === undefined) throw new HttpError(401, unknown);
+    if (owner !== agentId) throw new HttpError(403, 'this token belongs to another agent');
+    request.caller = { kind: 'agent', agentId: owner };
+  };
+  const owner = auth.agentForToken(token);
+  if (!(owner instanceof Promise)) return accept(owner);
+  return owner.then(accept, () => {
+    throw new HttpError(503, 'database unavailable: could not check the token, retry later');
+  });
+}
+
+/** The route's agent, by its own token: 401 without a valid token, 403 with another agent's. */
+export function agentOnly(auth: AgentAuthenticator): Authenticate {
+  return hook((request) => {
+    const agentId = requireAgentIdParam(request);
+    const token = bearerToken(request.headers.authorization);
+    if (token === undefined) throw new HttpError(401, 'missing agent token: send Authorization: Bearer <token>');
+    return asTokenAgent(request, auth, token, agentId, 'invalid agent token');
+  });
+}
+
+export function adminOnly(adminToken: string | undefined): Authenticate {
+  return hook((request) => {
+    if (adminToken === undefined) throw new HttpError(403, 'admin API disabled: set ADMIN_TOKEN');
+    requireAgentIdParam(request);
+    const token = bearerToken(request.headers.authorization);
+    if (token === undefined) throw new HttpError(401, 'missing admin token: send Authorization: Bearer <ADMIN_TOKEN>');
+    if (!adminMatches(adminToken, token)) throw new HttpError(401, 'invalid admin token');
+    request.caller = { kind: 'admin' };
+  });
+}
+
+export function adminOrAgent(adminToken: string | undefined, auth: AgentAuthenticator): Authenticate {
+  return hook((request) => {
+    const agentId = requireAgentIdParam(request);
+    const token = bearerToken(request.headers.authorization);
+    if (token === undefined)
+      throw new HttpError(401, 'missing token: send Authorization: Bearer <admin or agent token>');
+    if (adminMatches(adminToken, token)) {
+      request.caller = { kind: 'admin' };
+      return;
+    }
+    return asTokenAgent(request, auth, token, agentId, 'invalid token');
+  });
+}

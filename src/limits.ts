@@ -1,0 +1,9 @@
+// The HTTP server's fixed limits, shared by the app and its hooks.
+
+// 1 MiB: a report holds at most 6144 bytes of keys, and values over 2048
+// bytes are cut anyway; an agent's output of 10 KiB for each of 50 keys fits.
+export const BODY_LIMIT_BYTES = 1024 * 1024;
+
+// Slow clients must not hold sockets forever (slow-loris): headers within
+// 10 s, the whole request within 30 s, no silence longer than 30 s.
+export const DEFAULT_TIMEOUTS = { headersMs: 10_000, requestMs: 30_000, idleMs: 30_000 };
