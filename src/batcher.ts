@@ -1,26 +1,24 @@
 // The batcher: request handlers `add` updates to a bounded channel without
-// ever waiting; one loop drains the channel into the batch (newest
-// collected_at per agent and key wins), and flushes it with one UPDATE and
-// its NOTIFY payloads when it holds `batchSize` entries or when the timer
-// fires. A port of coder's metadatabatcher (seeds/002) with three promises the
-// original does not make: a failed flush is kept and retried with backoff, a
-// failed publish is retried, and shutdown drains the channel before the last
-// flush.
+// ever waiting; one loop drains the channel into the batch and flushes it
+// with one UPDATE (and its NOTIFY payloads) when it holds `batchSize`
+// entries, when the timer fires, or at shutdown. A port of coder's Go
+// metadatabatcher with three promises the original does not make: a failed
+// flush is kept and retried with backoff, a failed NOTIFY is retried, and
+// shutdown drains the channel before the last flush.
+//
+// The loop is one state machine (`Mode`, changed only by `to()`), with at
+// most one flush in flight: a flush is in flight from its UPDATE until its
+// announcement is done, and nothing merges into the batch meanwhile.
 
 import type { Logger } from 'pino';
 import { Backoff, type BackoffOptions } from './backoff.js';
+import { emptyBatch, PendingBatch, type MetadataBatch, type Update } from './batch.js';
 import { BoundedChannel } from './channel.js';
 import { systemClock, type Clock } from './clock.js';
+import { DEFAULTS } from './config.js';
 import type { BatcherMetrics, FlushReason } from './metrics.js';
 
-/** One flush, as parallel arrays (the shape `UPDATE … FROM unnest` takes). */
-export interface MetadataBatch {
-  agentIds: string[];
-  keys: string[];
-  values: string[];
-  errors: string[];
-  collectedAts: Date[];
-}
+export type { MetadataBatch } from './batch.js';
 
 export interface UpdateResult {
   /** Distinct agents with at least one row written. */
@@ -38,7 +36,7 @@ export interface MetadataWriter {
   updateMetadata(batch: MetadataBatch): Promise<UpdateResult>;
 }
 
-/** What announces changed agents; `Publisher` in production. Resolves to the number of payloads sent. */
+/** What announces changed agents; `Publisher` for library use. Resolves to the number of payloads sent. */
 export interface Announcer {
   publish(agentIds: readonly string[]): Promise<number>;
 }
@@ -50,22 +48,22 @@ export interface BatcherOptions {
   metrics: BatcherMetrics;
   logger: Logger;
   clock?: Clock;
-  /** Unique (agent, key) entries that force a flush. Default 500. */
+  /** Unique (agent, key) entries that force a flush. Default `DEFAULTS.batchSize`. */
   batchSize?: number;
-  /** Timer flush period. Default 5000 ms. */
+  /** Timer flush period. Default `DEFAULTS.flushIntervalMs`. */
   flushIntervalMs?: number;
-  /** Channel capacity = batchSize * channelMultiplier. Default 5. */
+  /** Channel capacity = batchSize * channelMultiplier. Default `DEFAULTS.channelMultiplier`. */
   channelMultiplier?: number;
-  /** Bound on the flush at shutdown, retries included. Default 15000 ms. */
+  /** Bound on the flush at shutdown, retries included. Default `DEFAULTS.finalFlushTimeoutMs`. */
   finalFlushTimeoutMs?: number;
-  /** Distinct keys held at most (batch plus channel); new keys beyond it are refused. Default 10 * batchSize. */
+  /** Distinct keys held at most while flushes fail; new keys beyond it are refused. Default `DEFAULTS.heldKeysPerBatch` × batchSize. */
   maxHeldKeys?: number;
   backoff?: BackoffOptions;
 }
 
 export interface AddResult {
   accepted: number;
-  /** Refused: the channel was full, or the batch held while the database fails is at its bound. */
+  /** Refused: the channel was full, or MAX_HELD_KEYS were held while flushes fail. */
   dropped: number;
 }
 
@@ -82,34 +80,38 @@ export class BatcherClosedError extends Error {
   }
 }
 
-interface Update {
-  agentId: string;
-  key: string;
-  value: string;
-  error: string;
-  collectedAt: number;
-}
-
-interface Held {
-  value: string;
-  error: string;
-  collectedAt: number;
-}
-
 /**
- * The loop's modes. `idle`: accumulating, the scheduled timer armed.
- * `flushing`: one UPDATE (and its NOTIFY) in flight; the channel fills.
- * `backoff`: the last UPDATE failed; the batch is kept, the channel keeps
- * merging into it, a retry timer is armed. `closed`: final flush done.
+ * The loop's modes, changed only by `to()`.
+ * - `idle`: merging reports into the batch; the flush timer is armed.
+ * - `flushing`: the UPDATE is in flight; reports wait in the channel.
+ * - `announcing`: the UPDATE committed and the batch is gone; a Publisher's
+ *   NOTIFY is in flight; reports still wait in the channel.
+ * - `backoff`: the last UPDATE failed; the batch is kept and merged into; the
+ *   retry timer is armed.
+ * - `closed`: stopped; nothing more is written.
  */
-const Mode = { idle: 'idle', flushing: 'flushing', backoff: 'backoff', closed: 'closed' } as const;
+const Mode = {
+  idle: 'idle',
+  flushing: 'flushing',
+  announcing: 'announcing',
+  backoff: 'backoff',
+  closed: 'closed',
+} as const;
 type Mode = (typeof Mode)[keyof typeof Mode];
+
+/** A close() under way: the final flush's deadline and its caller's promise. */
+interface Closing {
+  deadline: number;
+  deadlineTimer: unknown;
+  result: Promise<CloseResult>;
+  resolve(result: CloseResult): void;
+}
 
 // Drops are logged at warn at most once per 10 s, as the original does: under
 // overload every request drops and the log would drown.
 const DROP_WARN_INTERVAL_MS = 10_000;
-// Agents whose NOTIFY failed are announced again with the next payloads. Past
-// this many (2.2 MB of ids) the oldest hints are forgotten and counted;
+// Agents whose NOTIFY failed (Publisher path) wait to be announced again.
+// Past this many (2.2 MB of ids) the oldest are given up and counted;
 // listeners resync on reconnect anyway.
 const MAX_PENDING_ANNOUNCE = 100_000;
 // SQLSTATE of "too many notifications in the NOTIFY queue".
@@ -127,22 +129,20 @@ export class Batcher {
   private readonly log: Logger;
   private readonly clock: Clock;
   private readonly channel: BoundedChannel<Update>;
+  private readonly batch = new PendingBatch();
   private readonly flushBackoff: Backoff;
   private readonly publishBackoff: Backoff;
+  private readonly pendingAnnounce = new Set<string>();
 
   private mode: Mode = Mode.idle;
-  // The batch, per agent then per key. Only the loop writes it.
-  private batch = new Map<string, Map<string, Held>>();
-  private heldCount = 0;
-  private pendingAnnounce = new Set<string>();
+  /** The flush in flight (flushing, then announcing), until it has left those modes. */
+  private cycle: Promise<void> | undefined;
+  /** The reason of the flush a retry repeats. */
   private retryReason: FlushReason = 'scheduled';
-
-  private flushTimer: unknown;
-  private retryTimer: unknown;
-  private publishTimer: unknown;
+  /** The flush timer in `idle`, the retry timer in `backoff`. */
+  private timer: unknown;
   private drainScheduled = false;
-  private inFlight: Promise<void> | undefined;
-  private closing: Promise<CloseResult> | undefined;
+  private closing: Closing | undefined;
   private lastDropWarnAt = Number.NEGATIVE_INFINITY;
 
   constructor(options: BatcherOptions) {
@@ -151,25 +151,26 @@ export class Batcher {
     this.metrics = options.metrics;
     this.log = options.logger;
     this.clock = options.clock ?? systemClock;
-    this.batchSize = options.batchSize ?? 500;
-    this.flushIntervalMs = options.flushIntervalMs ?? 5000;
-    this.finalFlushTimeoutMs = options.finalFlushTimeoutMs ?? 15_000;
-    this.channel = new BoundedChannel(this.batchSize * (options.channelMultiplier ?? 5));
-    this.maxHeldKeys = options.maxHeldKeys ?? this.batchSize * 10;
+    this.batchSize = options.batchSize ?? DEFAULTS.batchSize;
+    this.flushIntervalMs = options.flushIntervalMs ?? DEFAULTS.flushIntervalMs;
+    this.finalFlushTimeoutMs = options.finalFlushTimeoutMs ?? DEFAULTS.finalFlushTimeoutMs;
+    this.channel = new BoundedChannel(this.batchSize * (options.channelMultiplier ?? DEFAULTS.channelMultiplier));
+    this.maxHeldKeys = options.maxHeldKeys ?? this.batchSize * DEFAULTS.heldKeysPerBatch;
     this.flushBackoff = new Backoff(options.backoff);
     this.publishBackoff = new Backoff(options.backoff);
     this.metrics.bind({
       channelDepth: () => this.channel.length,
       channelCapacity: () => this.channel.capacity,
-      heldKeys: () => this.heldCount,
-      databaseUp: () => this.databaseUp,
+      heldKeys: () => this.batch.size,
+      maxHeldKeys: () => this.maxHeldKeys,
+      flushesFailing: () => this.flushesFailing,
     });
-    this.armFlushTimer();
+    this.to(Mode.idle);
   }
 
   /** Distinct (agent, key) entries in the batch. */
   get currentBatchLen(): number {
-    return this.heldCount;
+    return this.batch.size;
   }
 
   get channelLength(): number {
@@ -180,21 +181,21 @@ export class Batcher {
     return this.channel.capacity;
   }
 
-  /** False while batch UPDATEs are failing and being retried. */
-  get databaseUp(): boolean {
-    return this.flushBackoff.attempts === 0;
+  /** True from a failed UPDATE until one succeeds again (the batch is held and retried meanwhile). */
+  get flushesFailing(): boolean {
+    return this.flushBackoff.attempts > 0;
   }
 
-  /** Whole seconds a refused client should wait: the channel frees within a flush, the backoff within its delay. */
+  /** Whole seconds a refused client should wait: the channel frees within a flush, a failing database within its backoff. */
   get retryAfterSeconds(): number {
-    return this.databaseUp ? 1 : Math.ceil(Math.max(1, Math.min(30, 2 ** this.flushBackoff.attempts / 10)));
+    return Math.max(1, Math.ceil(this.flushBackoff.ceilingMs / 1000));
   }
 
   /**
    * Queues updates for one agent. Never waits: an update that finds the
-   * channel full, or that would add a new key to a batch held at
-   * `maxHeldKeys`, is refused and counted. Throws on arrays of unequal length
-   * (nothing is queued) and after `close()`.
+   * channel full, or that would add a new key while MAX_HELD_KEYS are held
+   * and flushes fail, is refused and counted. Throws on arrays of unequal
+   * length (nothing is queued) and once the batcher is closing.
    */
   add(
     agentId: string,
@@ -208,14 +209,15 @@ export class Batcher {
         `invalid add call, all inputs must have the same number of items; keys: ${keys.length}, values: ${values.length}, errors: ${errors.length}, collectedAt: ${collectedAts.length}`,
       );
     }
-    if (this.closing) throw new BatcherClosedError();
+    if (this.closing || this.mode === Mode.closed) throw new BatcherClosedError();
+    // While flushes fail the loop merges everything into the held batch, so
+    // the channel never fills: the bound on memory is then MAX_HELD_KEYS.
+    const bounded = this.flushesFailing;
     let channelFull = 0;
     let heldLimit = 0;
     for (let i = 0; i < keys.length; i++) {
       const key = keys[i]!;
-      // Every queued update may be a new key: refuse new keys once batch and
-      // channel together reach the bound; keys already held still merge.
-      if (this.heldCount + this.channel.length >= this.maxHeldKeys && !this.batch.get(agentId)?.has(key)) {
+      if (bounded && this.batch.size + this.channel.length >= this.maxHeldKeys && !this.batch.has(agentId, key)) {
         heldLimit++;
         continue;
       }
@@ -228,23 +230,23 @@ export class Batcher {
       });
       if (!queued) channelFull++;
     }
-    const dropped = channelFull + heldLimit;
-    if (dropped > 0) this.countDrops(agentId, channelFull, heldLimit);
-    if (dropped < keys.length) this.scheduleDrain();
-    return { accepted: keys.length - dropped, dropped };
+    if (channelFull + heldLimit > 0) this.countDrops(agentId, channelFull, heldLimit);
+    if (channelFull + heldLimit < keys.length) this.scheduleDrain();
+    return { accepted: keys.length - channelFull - heldLimit, dropped: channelFull + heldLimit };
   }
 
   /**
-   * Resolves once the loop has nothing to do right now: the channel is empty
-   * and no flush is in flight. Tests await it after advancing a fake clock.
+   * Resolves once the loop has nothing to do right now: no flush in flight
+   * and no queued update left to merge. Tests await it after advancing a
+   * fake clock.
    */
   async idle(): Promise<void> {
     for (;;) {
-      if (this.inFlight) {
-        await this.inFlight;
+      if (this.cycle) {
+        await this.cycle;
         continue;
       }
-      if (this.drainScheduled || this.channel.length > 0) {
+      if (this.drainScheduled) {
         await new Promise<void>((resolve) => queueMicrotask(resolve));
         continue;
       }
@@ -253,98 +255,152 @@ export class Batcher {
   }
 
   /**
-   * Stops the loop: waits for a flush in flight, drains the channel into the
-   * batch, and flushes it with reason `shutdown`, retrying until
+   * Stops the loop: lets a flush in flight finish, drains the channel into
+   * the batch, and flushes it with reason `shutdown`, retrying until
    * `finalFlushTimeoutMs`. Resolves with what could not be written (nothing,
    * normally). Idempotent: later calls return the same promise.
    */
   close(): Promise<CloseResult> {
-    this.closing ??= this.shutdown();
-    return this.closing;
+    if (this.closing) return this.closing.result;
+    if (this.mode === Mode.closed) {
+      // Abandoned before: what was held has been handed over already.
+      const result = Promise.resolve({ flushed: false, held: emptyBatch() });
+      this.closing = { deadline: 0, deadlineTimer: undefined, result, resolve: () => undefined };
+      return result;
+    }
+    let resolve!: (result: CloseResult) => void;
+    const result = new Promise<CloseResult>((done) => (resolve = done));
+    const deadline = this.clock.Date.now() + this.finalFlushTimeoutMs;
+    const deadlineTimer = this.clock.setTimeout(() => this.onDeadline(), this.finalFlushTimeoutMs);
+    this.closing = { deadline, deadlineTimer, result, resolve };
+    this.log.info({ count: this.batch.size + this.channel.length }, 'flushing metadata batch before exit');
+    switch (this.mode) {
+      case Mode.idle:
+        this.to(Mode.idle); // idle while closing: flush at once, or close
+        break;
+      case Mode.backoff:
+        this.to(Mode.flushing, 'shutdown'); // retry at once rather than at the end of the backoff
+        break;
+      case Mode.flushing:
+      case Mode.announcing:
+        break; // the flush in flight ends in to(idle) or to(backoff), which see `closing`
+      default:
+        assertNever(this.mode);
+    }
+    return result;
   }
 
   /**
    * Gives up at once (a second signal): stops the loop and returns everything
    * held, channel included, for the spill file. A flush still in flight may
-   * yet commit; replaying its entries later is harmless.
+   * yet commit; replaying its entries later is harmless. A second call
+   * returns nothing more.
    */
   abandon(): MetadataBatch {
-    this.closing ??= Promise.resolve({
-      flushed: false,
-      held: { agentIds: [], keys: [], values: [], errors: [], collectedAts: [] },
-    });
-    this.clock.clearTimeout(this.flushTimer);
-    this.clock.clearTimeout(this.retryTimer);
-    this.clock.clearTimeout(this.publishTimer);
-    this.drainAll();
-    this.mode = Mode.closed;
-    return this.snapshot();
+    if (this.mode === Mode.closed) return emptyBatch();
+    // A close() under way gets nothing: what is held goes to this caller.
+    const closing = this.closing;
+    this.closing = undefined;
+    const held = this.to(Mode.closed) ?? emptyBatch();
+    if (closing) {
+      this.clock.clearTimeout(closing.deadlineTimer);
+      this.closing = closing;
+      closing.resolve({ flushed: false, held: emptyBatch() });
+    }
+    return held;
   }
 
-  private async shutdown(): Promise<CloseResult> {
-    const deadline = this.clock.Date.now() + this.finalFlushTimeoutMs;
-    this.clock.clearTimeout(this.flushTimer);
-    this.clock.clearTimeout(this.retryTimer);
-    this.clock.clearTimeout(this.publishTimer);
-    if (this.inFlight) await this.inFlight;
-    this.drainAll();
-    this.log.info({ count: this.heldCount }, 'flushing metadata batch before exit');
-    let flushed = this.heldCount === 0 && this.pendingAnnounce.size === 0;
-    while (!flushed) {
-      const remaining = deadline - this.clock.Date.now();
-      if (remaining <= 0) break;
-      const attempt = this.flush('shutdown');
-      const timedOut = await this.raceDeadline(attempt, remaining);
-      if (timedOut) break;
-      flushed = this.heldCount === 0 && this.pendingAnnounce.size === 0;
-      if (!flushed) {
-        // A failed UPDATE keeps the batch; a failed NOTIFY keeps the ids. Wait, then try again.
-        const delay = Math.min(
-          this.mode === Mode.backoff ? this.flushBackoff.next() : this.publishBackoff.next(),
-          remaining,
+  /**
+   * The transition function: every mode change happens here, with what
+   * entering the mode means. Returns what was held when entering `closed`.
+   */
+  private to(next: Mode, reason: FlushReason = 'scheduled'): MetadataBatch | undefined {
+    this.clock.clearTimeout(this.timer);
+    this.timer = undefined;
+    this.mode = next;
+    switch (next) {
+      case Mode.idle:
+        if (this.closing) return this.closeOrFlush();
+        this.timer = this.clock.setTimeout(() => this.onTimer(), this.timerDelay(this.flushIntervalMs));
+        this.drain(); // what waited in the channel during the flush
+        return;
+      case Mode.flushing:
+        this.cycle = this.runCycle(reason);
+        return;
+      case Mode.announcing:
+        return;
+      case Mode.backoff: {
+        this.retryReason = reason;
+        this.drainAll(); // merging keeps the channel free while the database is down
+        const delay = this.flushBackoff.next();
+        this.timer = this.clock.setTimeout(
+          () => this.to(Mode.flushing, this.closing ? 'shutdown' : this.retryReason),
+          this.closing ? Math.min(delay, Math.max(0, this.closing.deadline - this.clock.Date.now())) : delay,
         );
-        await new Promise<void>((resolve) => this.clock.setTimeout(resolve, delay));
-        this.drainAll();
+        return;
       }
+      case Mode.closed:
+        return this.finishClose();
+      default:
+        return assertNever(next);
     }
-    this.mode = Mode.closed;
-    const held = this.snapshot();
-    if (held.keys.length > 0) {
-      this.log.error(
-        { count: held.keys.length },
-        'final flush did not reach the database before FINAL_FLUSH_TIMEOUT_MS',
-      );
-    }
-    return { flushed: held.keys.length === 0, held };
   }
 
-  private async raceDeadline(attempt: Promise<void>, remaining: number): Promise<boolean> {
-    let timer: unknown;
-    const timeout = new Promise<true>((resolve) => {
-      timer = this.clock.setTimeout(() => resolve(true), remaining);
-    });
-    const done = attempt.then(() => false as const);
-    const timedOut = await Promise.race([done, timeout]);
-    this.clock.clearTimeout(timer);
-    return timedOut;
-  }
-
-  private countDrops(agentId: string, channelFull: number, heldLimit: number): void {
-    if (channelFull > 0) this.metrics.droppedKeysTotal.inc(channelFull);
-    if (heldLimit > 0) this.metrics.heldLimitRefusedKeysTotal.inc(heldLimit);
-    const fields = {
-      agent_id: agentId,
-      channel_size: this.channel.capacity,
-      dropped_count: channelFull + heldLimit,
-      reason: channelFull > 0 ? 'channel full' : 'held batch at MAX_HELD_KEYS while the database fails',
-    };
-    const now = this.clock.Date.now();
-    if (now - this.lastDropWarnAt >= DROP_WARN_INTERVAL_MS) {
-      this.lastDropWarnAt = now;
-      this.log.warn(fields, 'metadata channel at capacity, dropped updates');
+  /** Entering idle while closing: flush what is left, or wait to retry a NOTIFY, or close. */
+  private closeOrFlush(): undefined {
+    this.drainAll();
+    if (this.batch.size > 0) {
+      this.to(Mode.flushing, 'shutdown');
+    } else if (this.pendingAnnounce.size > 0) {
+      this.timer = this.clock.setTimeout(() => this.onTimer(), this.timerDelay(Number.POSITIVE_INFINITY));
     } else {
-      this.log.debug(fields, 'metadata channel at capacity, dropped updates');
+      this.to(Mode.closed);
     }
+    return undefined;
+  }
+
+  /** Entering closed: hands over what is held, and settles a close() under way. */
+  private finishClose(): MetadataBatch {
+    this.drainAll();
+    const held = this.batch.toArrays();
+    this.batch.clear();
+    if (this.closing) {
+      this.clock.clearTimeout(this.closing.deadlineTimer);
+      if (held.keys.length > 0) {
+        this.log.error(
+          { count: held.keys.length },
+          'final flush did not reach the database before FINAL_FLUSH_TIMEOUT_MS',
+        );
+      }
+      if (this.pendingAnnounce.size > 0) {
+        this.log.warn(
+          { agents: this.pendingAnnounce.size },
+          'stopped with NOTIFYs not sent; listeners resync on reconnect',
+        );
+      }
+      this.closing.resolve({ flushed: held.keys.length === 0, held });
+    }
+    return held;
+  }
+
+  /** The flush timer (idle) fired: flush what is held, retry NOTIFYs, or just re-arm. */
+  private onTimer(): void {
+    if (this.mode !== Mode.idle) return;
+    if (this.batch.size === 0 && this.pendingAnnounce.size === 0) {
+      this.to(Mode.idle); // an empty tick does nothing but re-arm, as in the original
+      return;
+    }
+    this.to(Mode.flushing, this.closing ? 'shutdown' : 'scheduled');
+  }
+
+  /** FINAL_FLUSH_TIMEOUT_MS passed: close now, with whatever is still held. */
+  private onDeadline(): void {
+    if (this.mode !== Mode.closed) this.to(Mode.closed);
+  }
+
+  /** The timer of idle: the flush interval, or sooner when a failed NOTIFY awaits its retry. */
+  private timerDelay(interval: number): number {
+    return this.pendingAnnounce.size > 0 ? Math.min(interval, this.publishBackoff.next()) : interval;
   }
 
   private scheduleDrain(): void {
@@ -356,25 +412,26 @@ export class Batcher {
     });
   }
 
-  /** The loop's body: merge queued updates; flush when the batch is full. */
+  /** Merges queued updates as the mode allows; a full batch starts a capacity flush. */
   private drain(): void {
     switch (this.mode) {
       case Mode.idle:
         for (let update = this.channel.receive(); update; update = this.channel.receive()) {
-          this.merge(update);
-          if (this.heldCount >= this.batchSize) {
+          this.batch.merge(update);
+          if (this.batch.size >= this.batchSize) {
             // The rest waits in the channel until this flush is done.
-            this.startFlush('capacity');
+            this.to(Mode.flushing, 'capacity');
             return;
           }
         }
         return;
       case Mode.backoff:
-        // Keep merging into the kept batch so the channel never fills while
-        // the database is down: memory grows with distinct keys, not reports.
+        // Merge into the kept batch so the channel never fills while the
+        // database is down: memory grows with distinct keys, not reports.
         this.drainAll();
         return;
       case Mode.flushing:
+      case Mode.announcing:
       case Mode.closed:
         return;
       default:
@@ -383,113 +440,60 @@ export class Batcher {
   }
 
   private drainAll(): void {
-    for (let update = this.channel.receive(); update; update = this.channel.receive()) this.merge(update);
+    for (let update = this.channel.receive(); update; update = this.channel.receive()) this.batch.merge(update);
   }
 
-  private merge(update: Update): void {
-    let keys = this.batch.get(update.agentId);
-    if (!keys) {
-      keys = new Map();
-      this.batch.set(update.agentId, keys);
-    }
-    const existing = keys.get(update.key);
-    if (existing) {
-      // Newest collected_at wins; on a tie the later arrival wins.
-      if (update.collectedAt < existing.collectedAt) return;
-      existing.value = update.value;
-      existing.error = update.error;
-      existing.collectedAt = update.collectedAt;
-      return;
-    }
-    keys.set(update.key, { value: update.value, error: update.error, collectedAt: update.collectedAt });
-    this.heldCount++;
-  }
-
-  private armFlushTimer(): void {
-    this.clock.clearTimeout(this.flushTimer);
-    this.flushTimer = this.clock.setTimeout(() => this.onFlushTimer(), this.flushIntervalMs);
-  }
-
-  private onFlushTimer(): void {
-    if (this.closing || this.mode !== Mode.idle) return;
-    if (this.heldCount === 0 && this.pendingAnnounce.size === 0) {
-      // An empty tick does nothing but re-arm.
-      this.armFlushTimer();
-      return;
-    }
-    this.startFlush('scheduled');
-  }
-
-  private startFlush(reason: FlushReason): void {
-    this.clock.clearTimeout(this.flushTimer);
-    this.clock.clearTimeout(this.retryTimer);
-    const attempt = this.flush(reason).catch((err: unknown) => {
+  /** One flush, from `flushing` to `idle` (written) or `backoff` (failed). The loop never throws. */
+  private async runCycle(reason: FlushReason): Promise<void> {
+    let written = false;
+    try {
+      written = await this.flush(reason);
+    } catch (err) {
       // flush() handles its own failures; this is a bug's last line of defence.
       this.log.error({ err, reason }, 'unexpected error in the flush; the batch is kept');
-      this.mode = Mode.backoff;
-    });
-    this.inFlight = attempt.then(() => {
-      this.inFlight = undefined;
-      if (this.closing) return;
-      if (this.mode === Mode.backoff) {
-        this.retryReason = reason;
-        this.retryTimer = this.clock.setTimeout(() => this.onRetryTimer(), this.flushBackoff.next());
-      } else {
-        this.armFlushTimer();
-      }
-      this.armPublishRetry();
-      this.drain();
-    });
+    }
+    this.cycle = undefined;
+    // Closed meanwhile (the deadline, or a second signal): nothing more to do.
+    if (this.mode === Mode.closed) return;
+    this.to(written ? Mode.idle : Mode.backoff, reason);
   }
 
-  private onRetryTimer(): void {
-    if (this.closing || this.mode !== Mode.backoff) return;
-    this.drainAll();
-    this.startFlush(this.retryReason);
-  }
-
-  /** One attempt: UPDATE, then NOTIFY. Never throws; leaves mode `idle` on success, `backoff` on a failed UPDATE. */
-  private async flush(reason: FlushReason): Promise<void> {
-    this.mode = Mode.flushing;
-    const count = this.heldCount;
+  /** The UPDATE, then (Publisher path) the NOTIFY. Resolves false when the UPDATE failed: the batch is kept. */
+  private async flush(reason: FlushReason): Promise<boolean> {
+    const count = this.batch.size;
     const start = this.clock.Date.now();
-    let changed: string[] = [];
+    let changed: readonly string[] = [];
     if (count > 0) {
-      const batch = this.snapshot();
+      const batch = this.batch.toArrays((keys) => this.metrics.batchUtilization.observe(keys));
       this.log.debug({ reason, count }, 'flushing metadata batch');
       let result: UpdateResult;
       try {
         result = await this.store.updateMetadata(batch);
       } catch (err) {
-        this.metrics.flushErrorsTotal.inc();
-        // The NOTIFY queue is full: a publish failure too (the statement rolled back and is retried).
-        if ((err as { code?: string }).code === NOTIFY_QUEUE_FULL) this.metrics.publishErrorsTotal.inc();
-        if (this.databaseUp) {
-          this.log.error({ err, reason, count }, 'metadata UPDATE failed; keeping the batch and retrying with backoff');
-        } else {
-          this.log.debug({ err, reason, count, attempt: this.flushBackoff.attempts }, 'metadata UPDATE retry failed');
-        }
-        this.mode = Mode.backoff;
-        return;
+        this.countFlushFailure(err, reason, count);
+        return false;
       }
-      if (!this.databaseUp) {
+      // Closed while the UPDATE ran: the batch was handed over already.
+      if (this.mode === Mode.closed) return true;
+      if (this.flushesFailing) {
         this.log.info(
           { attempts: this.flushBackoff.attempts, count },
           'metadata UPDATE succeeded again; database recovered',
         );
         this.flushBackoff.reset();
       }
-      // Written: the batch can go. Nothing merged into it meanwhile (the loop
-      // does not drain while a flush is in flight).
-      this.batch = new Map();
-      this.heldCount = 0;
+      // Written: nothing merged into the batch meanwhile (the loop does not
+      // merge while a flush is in flight), so all of it can go.
+      this.batch.clear();
       if (result.undeclared > 0) this.metrics.undeclaredKeysTotal.inc(result.undeclared);
       if (result.stale > 0) this.metrics.staleKeysTotal.inc(result.stale);
       if (result.announced === undefined) changed = result.changedAgentIds;
       else this.metrics.notifyPayloadsTotal.inc(result.announced);
     }
-    this.mode = Mode.idle;
-    await this.announce(changed, count);
+    if (this.publisher && (changed.length > 0 || this.pendingAnnounce.size > 0)) {
+      this.to(Mode.announcing);
+      await this.announce(this.publisher, changed, count);
+    }
     if (count > 0) {
       this.metrics.batchSize.observe(count);
       this.metrics.flushedTotal.inc(count);
@@ -498,35 +502,27 @@ export class Batcher {
       this.metrics.flushDuration.observe({ reason }, elapsed);
       this.log.debug({ count, elapsed, reason }, 'flush complete');
     }
+    return true;
   }
 
-  /** Flattens the batch into the UPDATE's arrays, and records per-agent utilization. */
-  private snapshot(): MetadataBatch {
-    const batch: MetadataBatch = { agentIds: [], keys: [], values: [], errors: [], collectedAts: [] };
-    for (const [agentId, keys] of this.batch) {
-      if (this.mode === Mode.flushing) this.metrics.batchUtilization.observe(keys.size);
-      for (const [key, held] of keys) {
-        batch.agentIds.push(agentId);
-        batch.keys.push(key);
-        batch.values.push(held.value);
-        batch.errors.push(held.error);
-        batch.collectedAts.push(new Date(held.collectedAt));
-      }
+  private countFlushFailure(err: unknown, reason: FlushReason, count: number): void {
+    this.metrics.flushErrorsTotal.inc();
+    // The NOTIFY queue is full: a publish failure too (the statement rolled back and is retried).
+    if ((err as { code?: string }).code === NOTIFY_QUEUE_FULL) this.metrics.publishErrorsTotal.inc();
+    if (!this.flushesFailing) {
+      this.log.error({ err, reason, count }, 'metadata UPDATE failed; keeping the batch and retrying with backoff');
+    } else {
+      this.log.debug({ err, reason, count, attempt: this.flushBackoff.attempts }, 'metadata UPDATE retry failed');
     }
-    return batch;
   }
 
   /** NOTIFY the changed agents plus any whose earlier NOTIFY failed. A failure is counted and retried later. */
-  private async announce(changed: readonly string[], count: number): Promise<void> {
-    let ids: readonly string[] = changed;
-    if (this.pendingAnnounce.size > 0) {
-      for (const id of changed) this.pendingAnnounce.add(id);
-      ids = [...this.pendingAnnounce];
-      this.pendingAnnounce.clear();
-    }
-    if (ids.length === 0 || !this.publisher) return;
+  private async announce(publisher: Announcer, changed: readonly string[], count: number): Promise<void> {
+    for (const id of changed) this.pendingAnnounce.add(id);
+    const ids = [...this.pendingAnnounce];
+    this.pendingAnnounce.clear();
     try {
-      const payloads = await this.publisher.publish(ids);
+      const payloads = await publisher.publish(ids);
       this.metrics.notifyPayloadsTotal.inc(payloads);
       this.publishBackoff.reset();
     } catch (err) {
@@ -535,31 +531,39 @@ export class Batcher {
         { err, agents: ids.length, count },
         'failed to publish workspace agent metadata batch; will retry',
       );
-      for (const id of ids) {
-        if (this.pendingAnnounce.size >= MAX_PENDING_ANNOUNCE) {
-          this.log.warn(
-            { limit: MAX_PENDING_ANNOUNCE },
-            'too many agents waiting for a NOTIFY retry; forgetting the rest',
-          );
-          break;
-        }
-        this.pendingAnnounce.add(id);
+      // The newest stay: an agent given up was announced longest ago.
+      const kept = ids.slice(-MAX_PENDING_ANNOUNCE);
+      for (const id of kept) this.pendingAnnounce.add(id);
+      const given = ids.length - kept.length;
+      if (given > 0) {
+        this.metrics.announceDroppedAgentsTotal.inc(given);
+        this.log.warn(
+          { given, limit: MAX_PENDING_ANNOUNCE },
+          'too many agents waiting for a NOTIFY retry; gave up the oldest',
+        );
       }
     }
   }
 
-  /** After a failed NOTIFY, retry on its own backoff even if no flush comes to carry it. */
-  private armPublishRetry(): void {
-    if (this.pendingAnnounce.size === 0 || this.publishTimer !== undefined) return;
-    this.publishTimer = this.clock.setTimeout(() => {
-      this.publishTimer = undefined;
-      if (this.closing) return;
-      if (this.mode === Mode.idle) {
-        this.startFlush('scheduled');
-      } else {
-        this.armPublishRetry();
-      }
-    }, this.publishBackoff.next());
+  private countDrops(agentId: string, channelFull: number, heldLimit: number): void {
+    if (channelFull > 0) this.metrics.droppedKeysTotal.inc(channelFull);
+    if (heldLimit > 0) this.metrics.heldLimitRefusedKeysTotal.inc(heldLimit);
+    const reasons = [];
+    if (channelFull > 0) reasons.push(`channel full (${channelFull})`);
+    if (heldLimit > 0) reasons.push(`MAX_HELD_KEYS held while flushes fail (${heldLimit})`);
+    const fields = {
+      agent_id: agentId,
+      channel_size: this.channel.capacity,
+      dropped_count: channelFull + heldLimit,
+      reason: reasons.join(', '),
+    };
+    const now = this.clock.Date.now();
+    if (now - this.lastDropWarnAt >= DROP_WARN_INTERVAL_MS) {
+      this.lastDropWarnAt = now;
+      this.log.warn(fields, 'metadata updates refused');
+    } else {
+      this.log.debug(fields, 'metadata updates refused');
+    }
   }
 }
 

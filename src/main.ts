@@ -88,7 +88,7 @@ export async function startService(config: Config, log: Logger): Promise<Service
       pingDatabase: async () => {
         await activePool.query('SELECT 1');
       },
-      flushesSucceeding: () => batcher.databaseUp,
+      flushesSucceeding: () => !batcher.flushesFailing,
     };
     const app = buildApp({
       logger: log,

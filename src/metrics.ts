@@ -13,7 +13,8 @@ export interface BatcherGaugeSource {
   channelDepth(): number;
   channelCapacity(): number;
   heldKeys(): number;
-  databaseUp(): boolean;
+  maxHeldKeys(): number;
+  flushesFailing(): boolean;
 }
 
 export class BatcherMetrics {
@@ -29,6 +30,7 @@ export class BatcherMetrics {
   readonly undeclaredKeysTotal: Counter;
   readonly staleKeysTotal: Counter;
   readonly notifyPayloadsTotal: Counter;
+  readonly announceDroppedAgentsTotal: Counter;
   private source: BatcherGaugeSource | undefined;
 
   constructor(registry: Registry) {
@@ -80,7 +82,7 @@ export class BatcherMetrics {
     });
     this.heldLimitRefusedKeysTotal = new Counter({
       name: 'metabatch_metadata_held_limit_refused_keys_total',
-      help: 'Total number of new metadata keys refused (429) because the batch held while the database fails reached MAX_HELD_KEYS.',
+      help: 'Total number of new metadata keys refused (429) because MAX_HELD_KEYS were held while flushes fail.',
       registers,
     });
     this.undeclaredKeysTotal = new Counter({
@@ -96,6 +98,11 @@ export class BatcherMetrics {
     this.notifyPayloadsTotal = new Counter({
       name: 'metabatch_metadata_notify_payloads_total',
       help: 'Total number of NOTIFY payloads published.',
+      registers,
+    });
+    this.announceDroppedAgentsTotal = new Counter({
+      name: 'metabatch_metadata_notify_given_up_agents_total',
+      help: 'Agents whose failed NOTIFY was given up because too many awaited a retry (Publisher path); listeners resync on reconnect.',
       registers,
     });
     const read = (pick: (source: BatcherGaugeSource) => number) =>
@@ -124,10 +131,16 @@ export class BatcherMetrics {
       collect: read((s) => s.heldKeys()),
     });
     new Gauge({
-      name: 'metabatch_database_up',
-      help: '1 while the last batch UPDATE succeeded, 0 while flushes are failing and being retried.',
+      name: 'metabatch_metadata_max_held_keys',
+      help: 'MAX_HELD_KEYS: distinct keys held at most while flushes fail; new keys beyond it are refused (429).',
       registers,
-      collect: read((s) => (s.databaseUp() ? 1 : 0)),
+      collect: read((s) => s.maxHeldKeys()),
+    });
+    new Gauge({
+      name: 'metabatch_metadata_flushes_failing',
+      help: '1 from a failed batch UPDATE until one succeeds again (the batch is held and retried meanwhile), else 0.',
+      registers,
+      collect: read((s) => (s.flushesFailing() ? 1 : 0)),
     });
   }
 

@@ -4,6 +4,7 @@
 
 import { describe, expect, it, vi } from 'vitest';
 import { closedAfterEach, testDatabase } from './support/db.js';
+import { createLogger } from '../src/logger.js';
 import { createHarness, rowsOf } from './support/harness.js';
 
 const db = testDatabase();
@@ -259,6 +260,67 @@ describe('TestMetadataBatcher_ConcurrentAddsToSameAgent', () => {
   });
 });
 
+describe('the Publisher path (library use)', () => {
+  it('runs one flush at a time: reports added during a slow NOTIFY, then close(), and every acknowledged key is in the table', async () => {
+    const h = await harness({ announce: 'publisher', batchSize: 2, backoff: { random: () => 1 } });
+    const agents = await db.createAgents(5);
+    const t = at('2026-11-23T00:00:01Z');
+    const acknowledged = new Map<string, string>();
+    const add = (i: number, value: string) => {
+      expect(h.batcher.add(agents[i]!, ['key1'], [value], [''], [t])).toEqual({ accepted: 1, dropped: 0 });
+      acknowledged.set(agents[i]!, value);
+    };
+    const macrotasks = async (n = 5) => {
+      for (let i = 0; i < n; i++) await new Promise((resolve) => setImmediate(resolve));
+    };
+    let releaseNotify!: () => void;
+    h.publisher.gate = new Promise((resolve) => (releaseNotify = resolve));
+    add(0, 'first');
+    add(1, 'first');
+    // The capacity flush's UPDATE has committed; its NOTIFY waits.
+    await vi.waitFor(() => expect(h.publisher.calls).toHaveLength(1));
+    // Meanwhile more reports arrive, enough for another capacity flush, whose
+    // rows another transaction holds locked: its UPDATE waits in Postgres.
+    const locker = await db.pool.connect();
+    await locker.query('BEGIN');
+    await locker.query(`SELECT 1 FROM workspace_agent_metadata WHERE workspace_agent_id = ANY($1::uuid[]) FOR UPDATE`, [
+      agents.slice(2, 4),
+    ]);
+    add(2, 'second');
+    add(3, 'second');
+    await macrotasks();
+    add(4, 'third');
+    h.publisher.gate = undefined;
+    releaseNotify();
+    // The first flush is done once its batch is counted.
+    await vi.waitFor(async () =>
+      expect(await h.metric('metabatch_metadata_batches_total', { reason: 'capacity' })).toBe(1),
+    );
+    // Shutdown, while the database blinks once; then the lock goes.
+    h.store.failures = 1;
+    const closing = h.batcher.close();
+    await macrotasks();
+    await locker.query('COMMIT');
+    locker.release();
+    await vi.waitFor(async () =>
+      expect(await h.metric('metabatch_metadata_batches_total', { reason: 'capacity' })).toBe(2),
+    );
+    let settled = false;
+    void closing.finally(() => (settled = true));
+    for (let i = 0; i < 100 && !settled; i++) {
+      await macrotasks();
+      await h.clock.tickAsync(100);
+    }
+    const result = await closing;
+    expect(result).toMatchObject({ flushed: true });
+    const { rows } = await db.pool.query<{ id: string; value: string }>(
+      `SELECT workspace_agent_id::text AS id, value FROM workspace_agent_metadata WHERE workspace_agent_id = ANY($1::uuid[])`,
+      [agents],
+    );
+    expect(new Map(rows.map((r) => [r.id, r.value]))).toEqual(acknowledged);
+  });
+});
+
 describe('beyond the original', () => {
   it('refuses arrays of unequal length and queues nothing', async () => {
     const h = await harness();
@@ -310,10 +372,9 @@ describe('beyond the original', () => {
     );
     await h.advance(5000);
     expect(h.store.calls).toHaveLength(1);
-    expect(h.publisher.calls).toHaveLength(0);
     expect(h.batcher.currentBatchLen).toBe(2);
-    expect(h.batcher.databaseUp).toBe(false);
-    expect(await h.metric('metabatch_database_up')).toBe(0);
+    expect(h.batcher.flushesFailing).toBe(true);
+    expect(await h.metric('metabatch_metadata_flushes_failing')).toBe(1);
     expect(await h.metric('metabatch_metadata_flush_errors_total')).toBe(1);
     expect(await h.metric('metabatch_metadata_batches_total', { reason: 'scheduled' })).toBe(0);
     expect(await h.metric('metabatch_metadata_flushed_total')).toBe(0);
@@ -334,7 +395,7 @@ describe('beyond the original', () => {
     expect(h.store.calls).toHaveLength(3);
     await h.advance(400);
     expect(h.store.calls).toHaveLength(4);
-    expect(h.batcher.databaseUp).toBe(true);
+    expect(h.batcher.flushesFailing).toBe(false);
     expect(await h.metric('metabatch_metadata_flush_errors_total')).toBe(3);
     expect(await h.metric('metabatch_metadata_batches_total', { reason: 'scheduled' })).toBe(1);
     expect(await rowsOf(db, [agent!])).toEqual([
@@ -351,11 +412,11 @@ describe('beyond the original', () => {
     expect(h.store.calls).toHaveLength(5);
     await h.advance(100);
     expect(h.store.calls).toHaveLength(6);
-    expect(h.batcher.databaseUp).toBe(true);
+    expect(h.batcher.flushesFailing).toBe(false);
   });
 
   it('counts a failed NOTIFY, still counts the batch, and announces it again later', async () => {
-    const h = await harness({ backoff: { random: () => 1 } });
+    const h = await harness({ announce: 'publisher', backoff: { random: () => 1 } });
     const [agent] = await db.createAgents(1);
     h.publisher.failures = 1;
     h.batcher.add(agent!, ['key1'], ['v'], [''], [at('2026-11-23T00:00:01Z')]);
@@ -404,7 +465,7 @@ describe('beyond the original', () => {
     for (const id of agents.slice(0, 4)) expect(h.batcher.add(id, ['key1'], ['v'], [''], [t]).dropped).toBe(0);
     await h.batcher.idle();
     expect(h.batcher.currentBatchLen).toBe(4);
-    expect(h.batcher.databaseUp).toBe(false);
+    expect(h.batcher.flushesFailing).toBe(true);
     expect(h.batcher.add(agents[4]!, ['key1'], ['v'], [''], [t])).toEqual({ accepted: 0, dropped: 1 });
     expect(h.batcher.retryAfterSeconds).toBeGreaterThanOrEqual(1);
     expect(await h.metric('metabatch_metadata_held_limit_refused_keys_total')).toBe(1);
@@ -416,8 +477,36 @@ describe('beyond the original', () => {
     expect(h.batcher.currentBatchLen).toBe(4);
     h.store.failures = 0;
     await h.advance(30_000);
-    expect(h.batcher.databaseUp).toBe(true);
+    expect(h.batcher.flushesFailing).toBe(false);
     expect(await rowsOf(db, [agents[0]!])).toEqual([`${agents[0]}|key1|newer||2026-11-23T00:00:02.000Z`]);
+  });
+
+  it('never refuses keys for MAX_HELD_KEYS while flushes succeed, and says why it refuses what it refuses', async () => {
+    const lines: string[] = [];
+    const logger = createLogger('debug', { write: (line: string) => lines.push(line) });
+    // A channel of 10, and a held limit of 4 that must not apply: nothing fails.
+    const h = await harness({ batchSize: 2, maxHeldKeys: 4, logger });
+    const agents = await db.createAgents(13);
+    const t = at('2026-11-23T00:00:01Z');
+    // The first capacity flush waits on a row lock: the channel fills behind it.
+    const locker = await db.pool.connect();
+    await locker.query('BEGIN');
+    await locker.query(`SELECT 1 FROM workspace_agent_metadata WHERE workspace_agent_id = $1 FOR UPDATE`, [agents[0]]);
+    for (const id of agents.slice(0, 2)) h.batcher.add(id, ['key1'], ['v'], [''], [t]);
+    await vi.waitFor(() => expect(h.store.calls).toHaveLength(1));
+    const results = agents.slice(2).map((id) => h.batcher.add(id, ['key1'], ['v'], [''], [t]));
+    await locker.query('COMMIT');
+    locker.release();
+    // Two in the batch being flushed, ten in the channel, one refused: the channel was full.
+    expect(results.map((r) => r.accepted)).toEqual([...Array<number>(10).fill(1), 0]);
+    expect(await h.metric('metabatch_metadata_held_limit_refused_keys_total')).toBe(0);
+    expect(await h.metric('metabatch_metadata_dropped_keys_total')).toBe(1);
+    const refusals = lines
+      .map((line) => JSON.parse(line) as { msg: string; reason?: string })
+      .filter((l) => l.msg === 'metadata updates refused');
+    expect(refusals.map((l) => l.reason)).toEqual(['channel full (1)']);
+    await h.batcher.idle();
+    expect(await h.metric('metabatch_metadata_flushed_total')).toBe(12);
   });
 
   it('gives up the final flush at FINAL_FLUSH_TIMEOUT_MS and hands back what it holds', async () => {

@@ -38,7 +38,7 @@ export async function createAppHarness(
     pingDatabase: async () => {
       await db.pool.query('SELECT 1');
     },
-    flushesSucceeding: () => h.batcher.databaseUp,
+    flushesSucceeding: () => !h.batcher.flushesFailing,
   };
   const logger = options.logger ?? createLogger('silent');
   const hub = new WatchHub({ source: h.store, metrics: new WatchMetrics(h.registry), logger, clock: h.clock });

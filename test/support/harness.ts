@@ -45,9 +45,11 @@ export class ObservedStore extends MetadataStore {
 export class ObservedPublisher extends Publisher {
   calls: string[][] = [];
   failures = 0;
+  gate: Promise<void> | undefined;
 
   override async publish(agentIds: readonly string[]): Promise<number> {
     this.calls.push([...agentIds]);
+    if (this.gate) await this.gate;
     if (this.failures > 0) {
       this.failures--;
       throw new Error('publish failed (simulated)');
@@ -76,13 +78,16 @@ export interface Harness {
 
 export async function createHarness(
   db: TestDatabase,
-  options: Partial<Omit<BatcherOptions, 'store' | 'publisher' | 'metrics' | 'logger'>> & {
+  options: Partial<Omit<BatcherOptions, 'store' | 'publisher' | 'metrics'>> & {
     startAt?: number;
-    /** Who NOTIFYs: a separate Publisher (default), or the store in its UPDATE statement (as the service does). */
+    /**
+     * Who NOTIFYs: the store, in the flush's own UPDATE statement, as the
+     * service wires it (default); or a separate Publisher (library use).
+     */
     announce?: 'publisher' | 'store';
   } = {},
 ): Promise<Harness> {
-  const { startAt, announce = 'publisher', ...batcherOptions } = options;
+  const { startAt, announce = 'store', ...batcherOptions } = options;
   const clock = FakeTimers.createClock(startAt ?? Date.parse('2026-11-23T00:00:00Z'));
   const registry = new Registry();
   const store = new ObservedStore(db.pool, announce === 'store' ? { notifyChannel: CHANNEL } : {});
@@ -94,7 +99,7 @@ export async function createHarness(
     ...(announce === 'publisher' ? { publisher } : {}),
     metrics: new BatcherMetrics(registry),
     logger: createLogger('silent'),
-    clock: clock,
+    clock,
     ...batcherOptions,
   });
   return {

@@ -1,0 +1,87 @@
+// The batch the loop holds between flushes: the newest update per agent and
+// key (a later collected_at wins; on a tie, the later arrival), and its
+// flattening into the parallel arrays that `UPDATE … FROM unnest` takes.
+
+/** One flush, as parallel arrays (the shape `UPDATE … FROM unnest` takes). */
+export interface MetadataBatch {
+  agentIds: string[];
+  keys: string[];
+  values: string[];
+  errors: string[];
+  collectedAts: Date[];
+}
+
+/** One report of one key, as it travels through the channel. */
+export interface Update {
+  agentId: string;
+  key: string;
+  value: string;
+  error: string;
+  /** Epoch milliseconds. */
+  collectedAt: number;
+}
+
+interface Held {
+  value: string;
+  error: string;
+  collectedAt: number;
+}
+
+export function emptyBatch(): MetadataBatch {
+  return { agentIds: [], keys: [], values: [], errors: [], collectedAts: [] };
+}
+
+export class PendingBatch {
+  // Per agent, then per key: a flush groups by agent (utilization, NOTIFY).
+  private agents = new Map<string, Map<string, Held>>();
+  private count = 0;
+
+  /** Distinct (agent, key) entries held. */
+  get size(): number {
+    return this.count;
+  }
+
+  has(agentId: string, key: string): boolean {
+    return this.agents.get(agentId)?.has(key) ?? false;
+  }
+
+  /** Keeps the update unless the entry held for its agent and key is newer. */
+  merge(update: Update): void {
+    let keys = this.agents.get(update.agentId);
+    if (!keys) {
+      keys = new Map();
+      this.agents.set(update.agentId, keys);
+    }
+    const held = keys.get(update.key);
+    if (held) {
+      if (update.collectedAt < held.collectedAt) return;
+      held.value = update.value;
+      held.error = update.error;
+      held.collectedAt = update.collectedAt;
+      return;
+    }
+    keys.set(update.key, { value: update.value, error: update.error, collectedAt: update.collectedAt });
+    this.count++;
+  }
+
+  /** The entries as the UPDATE's arrays; `perAgent` sees each agent's number of keys. */
+  toArrays(perAgent?: (keys: number) => void): MetadataBatch {
+    const batch = emptyBatch();
+    for (const [agentId, keys] of this.agents) {
+      perAgent?.(keys.size);
+      for (const [key, held] of keys) {
+        batch.agentIds.push(agentId);
+        batch.keys.push(key);
+        batch.values.push(held.value);
+        batch.errors.push(held.error);
+        batch.collectedAts.push(new Date(held.collectedAt));
+      }
+    }
+    return batch;
+  }
+
+  clear(): void {
+    this.agents = new Map();
+    this.count = 0;
+  }
+}
