@@ -1,14 +1,17 @@
-// The Fastify app: routes, auth hooks and the error shape. It never listens;
-// `main` does, and tests drive it with `app.inject` or a real socket.
+// The Fastify app: routes, auth hooks, the error shape, and what closing it
+// means (503 for new requests; each plugin closes what it uses). It never
+// listens; `main` does.
 
 import Fastify, { LogController, type FastifyBaseLogger, type FastifyError, type FastifyInstance } from 'fastify';
 import type { Registry } from 'prom-client';
 import { adminOnly, adminOrAgent, agentOnly } from './access.js';
 import type { AgentAuthenticator } from './auth.js';
+import { systemClock, type Clock } from './clock.js';
+import { HttpError } from './errors.js';
 import { BODY_LIMIT_BYTES, DEFAULT_TIMEOUTS } from './limits.js';
 import type { Logger } from './logger.js';
 import { agentRoutes } from './routes/agents.js';
-import { healthRoutes, type Health } from './routes/health.js';
+import { healthRoutes, type Readiness } from './routes/health.js';
 import { ingestRoutes, type MetadataSink } from './routes/ingest.js';
 import { readRoutes } from './routes/read.js';
 import type { MetadataStore } from './store.js';
@@ -20,12 +23,16 @@ export interface AppDependencies {
   batcher: MetadataSink;
   auth: AgentAuthenticator;
   registry: Registry;
-  health: Health;
+  readiness: Readiness;
   watchHub: WatchHub;
   adminToken: string | undefined;
+  /** The time of requests (collected_at defaults, ages). Default: the system's. */
+  clock?: Clock;
   /** Overrides of DEFAULT_TIMEOUTS (tests use short ones). */
   timeouts?: Partial<typeof DEFAULT_TIMEOUTS>;
 }
+
+const SERVED_WHILE_CLOSING = new Set(['/healthz', '/readyz', '/metrics']);
 
 export function buildApp(deps: AppDependencies): FastifyInstance {
   const timeouts = { ...DEFAULT_TIMEOUTS, ...deps.timeouts };
@@ -43,7 +50,8 @@ export function buildApp(deps: AppDependencies): FastifyInstance {
     },
     // Node's 16 KiB header limit stays: more is refused with 431.
     routerOptions: { maxParamLength: 200 },
-    return503OnClosing: true,
+    // Our own hook answers 503 while closing, with a message (Fastify's says only "Service Unavailable").
+    return503OnClosing: false,
     // Our own onResponse hook logs requests, without bodies or tokens.
     logController: new LogController({ disableRequestLogging: true }),
     // No child logger per request: nothing logs per request on the hot path.
@@ -83,13 +91,28 @@ export function buildApp(deps: AppDependencies): FastifyInstance {
     reply.code(404).send({ error: `no route for ${request.method} ${request.url.split('?')[0]}` }),
   );
 
-  app.register(healthRoutes, { health: deps.health, registry: deps.registry });
-  app.register(ingestRoutes, { batcher: deps.batcher, authenticate: agentOnly(deps.auth) });
+  // Once app.close() begins, new requests get 503 (with Connection: close) while
+  // the ones in flight finish; probes and metrics still answer.
+  let closing = false;
+  app.addHook('preClose', (done) => {
+    closing = true;
+    done();
+  });
+  app.addHook('onRequest', (request, reply, done) => {
+    if (!closing || SERVED_WHILE_CLOSING.has(request.routeOptions.url ?? '')) return done();
+    void reply.header('connection', 'close');
+    done(new HttpError(503, 'shutting down: retry against another replica or later'));
+  });
+
+  app.register(healthRoutes, { readiness: deps.readiness, registry: deps.registry, shuttingDown: () => closing });
+  const clock = deps.clock ?? systemClock;
+  app.register(ingestRoutes, { batcher: deps.batcher, authenticate: agentOnly(deps.auth), clock });
   app.register(agentRoutes, { store: deps.store, auth: deps.auth, authenticate: adminOnly(deps.adminToken) });
   app.register(readRoutes, {
     store: deps.store,
     watchHub: deps.watchHub,
     authenticate: adminOrAgent(deps.adminToken, deps.auth),
+    clock,
   });
   return app;
 }

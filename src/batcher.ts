@@ -254,6 +254,11 @@ export class Batcher {
     }
   }
 
+  /** The database answers again: a held batch waiting for its retry is retried now. */
+  retryNow(): void {
+    if (this.mode === Mode.backoff) this.to(Mode.flushing, this.closing ? 'shutdown' : this.retryReason);
+  }
+
   /**
    * Stops the loop: lets a flush in flight finish, drains the channel into
    * the batch, and flushes it with reason `shutdown`, retrying until

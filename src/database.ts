@@ -148,3 +148,27 @@ export async function migrate(pool: pg.Pool, log: Logger): Promise<string[]> {
     client.release();
   }
 }
+
+// Errors that say the database (or the way to it) is not there, as opposed to
+// a statement it refused: sockets, Postgres's connection exceptions (class
+// 08), shutdown and start-up (57P01-57P03), too many connections (53300), and
+// pg's own timeouts and terminated connections.
+const CONNECTION_ERROR_CODES = new Set([
+  'ECONNREFUSED',
+  'ECONNRESET',
+  'ETIMEDOUT',
+  'EPIPE',
+  'ENOTFOUND',
+  'EAI_AGAIN',
+  'EHOSTUNREACH',
+]);
+const CONNECTION_SQLSTATES = /^(08...|57P0[1-3]|53300)$/;
+const CONNECTION_MESSAGES =
+  /Connection terminated|timeout exceeded when trying to connect|Query read timeout|Client has encountered a connection error/i;
+
+/** Whether `err` means Postgres could not be reached, rather than that it refused a statement. */
+export function isConnectionError(err: unknown): boolean {
+  const { code, message } = (err ?? {}) as { code?: unknown; message?: unknown };
+  if (typeof code === 'string' && (CONNECTION_ERROR_CODES.has(code) || CONNECTION_SQLSTATES.test(code))) return true;
+  return typeof message === 'string' && CONNECTION_MESSAGES.test(message);
+}

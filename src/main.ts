@@ -1,57 +1,78 @@
-// Wiring only: config → logger → database → pool → registry → store,
-// publisher → batcher → listener, watchers → app → listen. Shutdown runs in
-// the reverse order: stop taking requests, close watch streams, drain and
-// flush the batcher, close the listener and the pool, stop Postgres last.
+// Wiring only: config → logger → database → pool → registry → store → spill
+// replay → batcher → health → listener, watch hub → app → listen. Shutdown
+// runs in the reverse order: app.close() (its plugins answer 503, end watch
+// streams, let requests in flight finish and flush the batcher), spill what
+// could not be written, close the listener and the pool, stop Postgres last.
 
 import type { FastifyInstance } from 'fastify';
-import type pg from 'pg';
 import { collectDefaultMetrics, Registry } from 'prom-client';
 import { buildApp } from './app.js';
 import { AgentAuthenticator } from './auth.js';
-import { Batcher, type CloseResult } from './batcher.js';
-import { subscribe, type Subscription } from './client.js';
+import { Batcher } from './batcher.js';
+import { subscribe } from './client.js';
+import type { Clock } from './clock.js';
 import type { Config } from './config.js';
 import { createPool, migrate, openDatabase } from './database.js';
+import { DatabaseHealth } from './health.js';
+import type { DEFAULT_TIMEOUTS } from './limits.js';
 import type { Logger } from './logger.js';
-import { BatcherMetrics, WatchMetrics } from './metrics.js';
-import type { Health } from './routes/health.js';
-import { replaySpill, spillPath, writeSpill } from './spill.js';
+import { BatcherMetrics, registerDatabaseUp, WatchMetrics } from './metrics.js';
+import { replaySpills, Spill } from './spill.js';
 import { MetadataStore } from './store.js';
 import { WatchHub } from './watch.js';
+
+/** Collaborators a caller may replace: tests drive the service's time with a fake clock. */
+export interface ServiceOptions {
+  /** The time of the batcher, the watch hub and the health check. Default: real timers. */
+  clock?: Clock;
+  /** Overrides of the HTTP timeouts. */
+  timeouts?: Partial<typeof DEFAULT_TIMEOUTS>;
+}
+
+export interface StopResult {
+  /** Whether everything acknowledged reached the database. */
+  flushed: boolean;
+  /** Where what could not be written went, if anything. */
+  spillFile?: string;
+}
 
 export interface Service {
   app: FastifyInstance;
   batcher: Batcher;
+  watchHub: WatchHub;
+  health: DatabaseHealth;
+  registry: Registry;
   /** http://host:port the service listens on. */
   address: string;
   databaseUrl: string;
-  /**
-   * Graceful stop. Resolves with what the final flush could not write
-   * (spilled to DATA_DIR by then). Idempotent.
-   */
-  stop(): Promise<CloseResult & { spillFile?: string }>;
-  /** Second signal: spill what is held and stop Postgres, without waiting for flushes. */
+  /** Graceful stop: resolves once everything is closed, with what the final flush could not write. Idempotent. */
+  stop(): Promise<StopResult>;
+  /** Second signal: spill what is held and stop Postgres, without waiting for flushes. Idempotent. */
   abort(): Promise<string | undefined>;
 }
 
-export async function startService(config: Config, log: Logger): Promise<Service> {
+export async function startService(config: Config, log: Logger, options: ServiceOptions = {}): Promise<Service> {
+  const clock = options.clock;
   const database = await openDatabase({ databaseUrl: config.databaseUrl, dataDir: config.dataDir, log });
-  const url = database.url;
-  let pool: pg.Pool | undefined;
+  // What is open so far, closed in reverse if start-up fails.
+  const opened: (() => Promise<void> | void)[] = [() => database.close()];
   try {
     const registry = new Registry();
     collectDefaultMetrics({ register: registry, prefix: 'metabatch_' });
-    pool = createPool(url, log, { registry, asyncCommit: true });
+    const pool = createPool(database.url, log, { registry, asyncCommit: true });
+    opened.push(() => pool.end());
     await migrate(pool, log);
     // The store NOTIFYs in the flush's own statement: one round trip per batch.
     const store = new MetadataStore(pool, { notifyChannel: config.notifyChannel });
 
-    const replayed = await replaySpill(config.dataDir, store);
-    if (replayed > 0)
+    const spill = new Spill(config.dataDir);
+    const replayed = await replaySpills(config.dataDir, store);
+    if (replayed.files.length > 0) {
       log.info(
-        { entries: replayed, file: spillPath(config.dataDir) },
-        'replayed metadata spilled at the last shutdown',
+        { entries: replayed.entries, files: replayed.files },
+        'replayed metadata spilled at an earlier shutdown',
       );
+    }
 
     const batcher = new Batcher({
       store,
@@ -62,13 +83,31 @@ export async function startService(config: Config, log: Logger): Promise<Service
       channelMultiplier: config.channelMultiplier,
       finalFlushTimeoutMs: config.finalFlushTimeoutMs,
       maxHeldKeys: config.maxHeldKeys,
+      ...(clock ? { clock } : {}),
     });
+    opened.push(() => void batcher.abandon());
+    const health = new DatabaseHealth({
+      pool,
+      logger: log.child({ component: 'health' }),
+      // A database back after an outage: retry the held batch now, not at the end of its backoff.
+      onRecovered: () => batcher.retryNow(),
+      ...(clock ? { clock } : {}),
+    });
+    opened.push(() => health.close());
+    registerDatabaseUp(registry, () => health.up);
 
     const watchMetrics = new WatchMetrics(registry);
-    const watchHub = new WatchHub({ source: store, metrics: watchMetrics, logger: log.child({ component: 'watch' }) });
-    const listenerLog = log.child({ component: 'listener' });
-    const listener: Subscription = await subscribe({
-      databaseUrl: url,
+    const watchLog = log.child({ component: 'watch' });
+    const watchHub = new WatchHub({
+      source: store,
+      metrics: watchMetrics,
+      logger: watchLog,
+      ...(clock ? { clock } : {}),
+    });
+    opened.push(() => watchHub.close());
+    // The service's one LISTEN connection, shared by every watcher.
+    const listener = await subscribe({
+      databaseUrl: database.url,
       channel: config.notifyChannel,
       onBatch: (agentIds) => {
         watchMetrics.listenerBatchesTotal.inc();
@@ -76,76 +115,70 @@ export async function startService(config: Config, log: Logger): Promise<Service
       },
       onResync: () => {
         watchMetrics.listenerReconnectsTotal.inc();
-        listenerLog.info('LISTEN connection re-established; re-reading watched agents');
+        watchLog.info('LISTEN connection re-established; re-reading watched agents');
         watchHub.resync();
       },
-      onError: (err) => listenerLog.warn({ err }, 'LISTEN connection problem; reconnecting'),
+      onError: (err) => watchLog.warn({ err }, 'LISTEN connection problem; reconnecting'),
     });
+    opened.push(() => listener.close());
 
-    const activePool = pool;
-    const health: Health = {
-      shuttingDown: false,
-      pingDatabase: async () => {
-        await activePool.query('SELECT 1');
-      },
-      flushesSucceeding: () => !batcher.flushesFailing,
-    };
     const app = buildApp({
       logger: log,
       store,
       batcher,
       auth: new AgentAuthenticator(store),
       registry,
-      health,
+      readiness: { database: health, flushesFailing: () => batcher.flushesFailing },
       watchHub,
       adminToken: config.adminToken,
+      ...(options.timeouts ? { timeouts: options.timeouts } : {}),
+      ...(clock ? { clock } : {}),
     });
-    // Open watch streams would keep app.close() waiting forever.
-    app.addHook('preClose', async () => watchHub.close());
+    opened.push(() => app.close());
     const address = await app.listen({ host: config.host, port: config.port });
     log.info(
       { address, embedded: database.embedded, channel: config.notifyChannel },
       `metabatch listening on ${address}`,
     );
 
-    let stopping: Promise<CloseResult & { spillFile?: string }> | undefined;
+    let stopping: Promise<StopResult> | undefined;
     const stop = () =>
       (stopping ??= (async () => {
-        health.shuttingDown = true;
         log.info('shutting down: no new requests, flushing what is held');
         await app.close();
+        // The app flushed the batcher as it closed; this is the same result.
         const result = await batcher.close();
-        let spillFile: string | undefined;
-        if (!result.flushed) {
-          spillFile = await writeSpill(config.dataDir, result.held);
+        const spillFile = await spill.write(result.held);
+        if (spillFile) {
           log.error(
             { entries: result.held.keys.length, file: spillFile },
             'database unreachable at shutdown: held metadata written to the spill file; it is replayed at the next start',
           );
         }
         await listener.close();
-        await activePool.end();
+        health.close();
+        await pool.end();
         await database.close();
         log.info({ flushed: result.flushed }, 'stopped');
-        return { ...result, ...(spillFile ? { spillFile } : {}) };
+        return { flushed: result.flushed, ...(spillFile ? { spillFile } : {}) };
       })());
-    const abort = async () => {
-      const held = batcher.abandon();
-      let file: string | undefined;
-      if (held.keys.length > 0) {
-        file = await writeSpill(config.dataDir, held);
-        log.error(
-          { entries: held.keys.length, file },
-          'second signal: held metadata written to the spill file without flushing',
-        );
-      }
-      await database.close();
-      return file;
-    };
-    return { app, batcher, address, databaseUrl: url, stop, abort };
+    let aborting: Promise<string | undefined> | undefined;
+    const abort = () =>
+      (aborting ??= (async () => {
+        const held = batcher.abandon();
+        const file = await spill.write(held);
+        if (file) {
+          log.error(
+            { entries: held.keys.length, file },
+            'second signal: held metadata written to the spill file without flushing',
+          );
+        }
+        await database.close();
+        return file;
+      })());
+    return { app, batcher, watchHub, health, registry, address, databaseUrl: database.url, stop, abort };
   } catch (err) {
-    await pool?.end().catch(() => undefined);
-    await database.close();
+    for (const close of opened.reverse()) await Promise.resolve(close()).catch(() => undefined);
     throw err;
   }
 }

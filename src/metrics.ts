@@ -150,6 +150,18 @@ export class BatcherMetrics {
   }
 }
 
+/** `metabatch_database_up`: whether the last statement or ping reached Postgres (see health.ts). */
+export function registerDatabaseUp(registry: Registry, up: () => boolean): void {
+  new Gauge({
+    name: 'metabatch_database_up',
+    help: '1 while the last statement or health-check ping reached Postgres, else 0. /readyz answers 503 while it is 0.',
+    registers: [registry],
+    collect() {
+      this.set(up() ? 1 : 0);
+    },
+  });
+}
+
 /** The listening side: the shared LISTEN connection and the SSE watchers it feeds. */
 export class WatchMetrics {
   readonly watchers: Gauge;

@@ -1,10 +1,11 @@
 // Live watchers of agents' metadata (SSE), fed by the one shared LISTEN
-// connection. The original's semantics (reference section 3): the full list
-// at once, again when a batch names the agent (at most once a second), and at
-// least every 5 s so `age` stays true. One read serves every watcher of an
-// agent, and agents nobody watches are never read. Each watcher buffers at
-// most one event: a slow client gets the newest state, older ones are
-// dropped and counted (seeds/004's drop-oldest fan-out, with a bound of one).
+// connection. The original's semantics (coder's watch-metadata endpoint):
+// the full list at once, again when a batch names the agent (at most once a
+// second), at least every 5 s so `age` stays true, and a keep-alive ping
+// every 15 s on its own schedule. One read serves every watcher of an agent,
+// and agents nobody watches are never read. Each watcher buffers at most one
+// event: a slow client gets the newest state, older ones are dropped and
+// counted (a drop-oldest fan-out with a bound of one).
 
 import type { Logger } from 'pino';
 import { systemClock, type Clock } from './clock.js';
@@ -53,8 +54,10 @@ const PING_MS = 15_000;
 
 export class Watcher {
   sink: WatchSink | undefined;
+  /** When the list was last sent (the resend for `age` is due 5 s later). */
   lastSentAt = 0;
-  lastWriteAt = 0;
+  /** When the last ping was due: the keep-alive runs on its own 15 s schedule, whatever else is sent. */
+  lastPingAt = 0;
   private blocked = false;
   private pending: string | undefined;
 
@@ -67,7 +70,9 @@ export class Watcher {
   send(chunk: string, now: number, isData: boolean): void {
     if (!this.sink) return;
     if (isData) this.lastSentAt = now;
-    this.lastWriteAt = now;
+    else this.lastPingAt = now;
+    // A client that is not keeping up has bytes waiting already: no ping, and never one in place of data.
+    if (this.blocked && !isData) return;
     if (this.blocked) {
       if (this.pending !== undefined) this.metrics.eventsDroppedTotal.inc();
       this.pending = chunk;
@@ -150,6 +155,7 @@ export class WatchHub {
       return;
     }
     watcher.sink = sink;
+    watcher.lastPingAt = this.clock.Date.now();
     const watched = this.agents.get(watcher.agentId);
     if (watched && !watched.dirty) watched.rows = rows;
     watcher.send(dataEvent(rows, this.clock.Date.now()), this.clock.Date.now(), true);
@@ -223,9 +229,8 @@ export class WatchHub {
           if (watched.rows && (fresh.has(id) || now - watcher.lastSentAt >= RESEND_MS)) {
             event ??= dataEvent(watched.rows, now);
             watcher.send(event, now, true);
-          } else if (now - watcher.lastWriteAt >= PING_MS) {
-            watcher.send(': ping\n\n', now, false);
           }
+          if (now - watcher.lastPingAt >= PING_MS) watcher.send(': ping\n\n', now, false);
         }
       }
     } finally {

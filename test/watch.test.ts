@@ -1,37 +1,23 @@
-// Live watch over real HTTP (SSE) and a real LISTEN: the list at once, the
-// update after a POST and a flush, `age` counting, one LISTEN connection for
-// every watcher, a bounded buffer for a client that stops reading.
+// Live watch over real HTTP (SSE) on the service as production wires it:
+// the list at once, the update after a POST and a flush, `age` counting, a
+// ping every 15 s whatever else is sent, one LISTEN connection for every
+// watcher, a resync after that connection is killed, a retry after a failed
+// read, and a bounded buffer for a client that stops reading.
 
 import net from 'node:net';
 import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from 'vitest';
-import { subscribe, type Subscription } from '../src/client.js';
-import { ADMIN_TOKEN, createAppHarness, type AppHarness } from './support/app.js';
 import { createTestDatabase, type TestDatabase } from './support/db.js';
+import { outage } from './support/faults.js';
+import { ADMIN_TOKEN, startTestService, type ServiceHarness } from './support/service.js';
 
 let db: TestDatabase;
-let h: AppHarness;
-let listener: Subscription;
-let base: string;
-/** Batches the hub's listener received. */
-const hubBatches: string[][] = [];
+let h: ServiceHarness;
 
 beforeAll(async () => {
   db = await createTestDatabase();
-  h = await createAppHarness(db, { batcher: { startAt: Date.now() } });
-  // As main.ts wires it: one shared LISTEN feeds the hub.
-  listener = await subscribe({
-    databaseUrl: db.url,
-    applicationName: 'watch-test-listener',
-    onBatch: (ids) => {
-      hubBatches.push(ids);
-      h.hub.onBatch(ids);
-    },
-    onResync: () => h.hub.resync(),
-  });
-  base = await h.app.listen({ host: '127.0.0.1', port: 0 });
+  h = await startTestService(db);
 });
 afterAll(async () => {
-  await listener.close();
   await h.close();
   await db.drop();
 });
@@ -43,6 +29,8 @@ interface Stream {
   next(): Promise<View>;
   /** The first of the next few lists in which `key` has `value` (periodic resends may come first). */
   until(key: string, value: string): Promise<View>;
+  /** Everything received so far, as sent. */
+  raw(): string;
   close(): void;
 }
 
@@ -51,14 +39,38 @@ afterEach(() => streams.splice(0).forEach((s) => s.close()));
 
 async function watch(agentId: string, token: string): Promise<Stream> {
   const controller = new AbortController();
-  const res = await fetch(`${base}/v1/agents/${agentId}/metadata/watch`, {
+  const res = await fetch(`${h.base}/v1/agents/${agentId}/metadata/watch`, {
     headers: { authorization: `Bearer ${token}` },
     signal: controller.signal,
   });
   expect(res.status).toBe(200);
   expect(res.headers.get('content-type')).toBe('text/event-stream');
+  expect(res.headers.get('x-accel-buffering')).toBe('no');
   const reader = res.body!.pipeThrough(new TextDecoderStream()).getReader();
   let buffer = '';
+  let all = '';
+  let ended = false;
+  let wake: (() => void) | undefined;
+  // Read all the time, as a browser does: `raw()` shows what has arrived.
+  void (async () => {
+    try {
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        buffer += value;
+        all += value;
+        wake?.();
+      }
+    } catch {
+      // aborted
+    }
+    ended = true;
+    wake?.();
+  })();
+  const read = async () => {
+    if (ended) throw new Error('stream ended');
+    await new Promise<void>((resolve) => (wake = resolve));
+  };
   const stream: Stream = {
     async next() {
       for (;;) {
@@ -67,12 +79,10 @@ async function watch(agentId: string, token: string): Promise<Stream> {
           const event = buffer.slice(0, end);
           buffer = buffer.slice(end + 2);
           const data = /^event: data\ndata: (.*)$/s.exec(event);
-          if (data) return JSON.parse(data[1]!);
+          if (data) return JSON.parse(data[1]!) as View;
           continue;
         }
-        const { value, done } = await reader.read();
-        if (done) throw new Error('stream ended');
-        buffer += value;
+        await read();
       }
     },
     async until(key, value) {
@@ -82,6 +92,7 @@ async function watch(agentId: string, token: string): Promise<Stream> {
       }
       throw new Error(`no list with ${key}=${value} in 5 events`);
     },
+    raw: () => all,
     close: () => controller.abort(),
   };
   streams.push(stream);
@@ -91,6 +102,13 @@ async function watch(agentId: string, token: string): Promise<Stream> {
 async function post(agentId: string, token: string, metadata: object[]): Promise<void> {
   const res = await h.post(agentId, token, { metadata });
   expect(res.statusCode).toBe(202);
+}
+
+/** Flushes what was posted and waits until the service's own LISTEN has heard of it. */
+async function flushAndHear(): Promise<void> {
+  const heard = await h.metric('metabatch_listener_batches_total');
+  await h.advance(5000);
+  await vi.waitFor(async () => expect(await h.metric('metabatch_listener_batches_total')).toBeGreaterThan(heard));
 }
 
 describe('GET /v1/agents/{id}/metadata/watch', () => {
@@ -104,19 +122,31 @@ describe('GET /v1/agents/{id}/metadata/watch', () => {
     ]);
 
     await post(id, token, [{ key: 'cpu', value: '12%', collected_at: new Date(h.clock.now).toISOString() }]);
-    await h.advance(5000); // the batch flushes and NOTIFYs
-    await vi.waitFor(() => expect(hubBatches.flat()).toContain(id));
+    await flushAndHear();
     // The hub sends on its next 1 s tick after its listener marked the agent.
     await h.advance(1000);
     const update = await stream.until('cpu', '12%');
     const age = update.find((r) => r.key === 'cpu')!.age;
-    expect(age).toBeGreaterThanOrEqual(0);
+    expect(age).toBe(6);
 
     // With nothing new, the list is sent again within 5 s, with age grown.
     await h.advance(5000);
     const again = await stream.next();
-    expect(again.find((r) => r.key === 'cpu')!.value).toBe('12%');
-    expect(again.find((r) => r.key === 'cpu')!.age).toBeGreaterThanOrEqual(age + 5);
+    expect(again.find((r) => r.key === 'cpu')).toMatchObject({ value: '12%', age: 11 });
+  });
+
+  it('sends a ping every 15 s on its own schedule, between the 5 s resends', async () => {
+    const { id, token } = await h.agent(['cpu']);
+    const stream = await watch(id, token);
+    await stream.next();
+    for (let second = 1; second <= 14; second++) await h.advance(1000);
+    // Two resends by now, no ping yet.
+    await vi.waitFor(() => expect(stream.raw().match(/^event: data$/gm)).toHaveLength(3));
+    expect(stream.raw()).not.toContain(': ping');
+    await h.advance(1000);
+    await vi.waitFor(() => expect(stream.raw()).toContain(': ping\n\n'));
+    for (let second = 16; second <= 30; second++) await h.advance(1000);
+    await vi.waitFor(() => expect(stream.raw().match(/^: ping$/gm)).toHaveLength(2));
   });
 
   it('gives two clients of one agent the same data', async () => {
@@ -126,33 +156,73 @@ describe('GET /v1/agents/{id}/metadata/watch', () => {
     await a.next();
     await b.next();
     await post(id, token, [{ key: 'cpu', value: 'same', collected_at: new Date(h.clock.now).toISOString() }]);
-    await h.advance(5000);
-    await vi.waitFor(() => expect(hubBatches.flat()).toContain(id));
+    await flushAndHear();
     await h.advance(1000);
     const [fromA, fromB] = await Promise.all([a.until('cpu', 'same'), b.until('cpu', 'same')]);
     expect(fromA).toEqual(fromB);
     expect(fromA[0]!.value).toBe('same');
   });
 
-  it('serves 200 watchers with one LISTEN connection and a bounded number of pool connections', async () => {
+  it('serves 200 watchers with one LISTEN connection, and the 199 after the first with no query of their own', async () => {
     const { id, token } = await h.agent(['cpu']);
     const first = await watch(id, token);
     await first.next();
-    // The other 199 get the list the first one read: no query each.
-    const reads = h.store.metadataReads;
+    const statements = await h.metric('metabatch_database_statements_total');
     const watchers = [first, ...(await Promise.all(Array.from({ length: 199 }, () => watch(id, token))))];
     await Promise.all(watchers.slice(1).map((w) => w.next()));
-    expect(h.store.metadataReads).toBe(reads);
-    expect(h.hub.watcherCount).toBeGreaterThanOrEqual(200);
-    const { rows } = await db.pool.query(
-      `SELECT count(*) FILTER (WHERE query ILIKE 'LISTEN%' OR application_name LIKE '%listener%')::int AS listeners,
-              count(*)::int AS total
+    expect(await h.metric('metabatch_database_statements_total')).toBe(statements);
+    expect(await h.metric('metabatch_watchers')).toBe(200);
+    const { rows } = await db.pool.query<{ listeners: number; total: number }>(
+      `SELECT count(*) FILTER (WHERE application_name = 'metabatch-listener')::int AS listeners,
+              count(*) FILTER (WHERE application_name = 'metabatch')::int AS pool
        FROM pg_stat_activity WHERE datname = current_database()`,
     );
-    expect(rows[0].listeners).toBe(2); // the hub's, and the harness's NOTIFY counter
-    expect(rows[0].total).toBeLessThanOrEqual(2 + 10 + 10); // listeners, the app's pool, the test's pool
+    expect(rows[0]).toMatchObject({ listeners: 1 });
+    expect((rows[0] as unknown as { pool: number }).pool).toBeLessThanOrEqual(10);
     watchers.forEach((w) => w.close());
-    await vi.waitFor(() => expect(h.hub.watcherCount).toBe(0));
+    await vi.waitFor(async () => expect(await h.metric('metabatch_watchers')).toBe(0));
+  });
+
+  it('re-reads every watched agent after its LISTEN connection is killed, and sends what changed meanwhile', async () => {
+    const { id, token } = await h.agent(['cpu']);
+    const stream = await watch(id, token);
+    await stream.next();
+    // A change no NOTIFY announces (as if it were missed during the outage).
+    await db.pool.query(
+      `UPDATE workspace_agent_metadata SET value = 'missed', collected_at = now() WHERE workspace_agent_id = $1`,
+      [id],
+    );
+    const reconnects = await h.metric('metabatch_listener_reconnects_total');
+    const { rows } = await db.pool.query(
+      `SELECT pg_terminate_backend(pid) AS ok FROM pg_stat_activity
+       WHERE application_name = 'metabatch-listener' AND datname = current_database()`,
+    );
+    expect(rows).toEqual([{ ok: true }]);
+    await vi.waitFor(async () => expect(await h.metric('metabatch_listener_reconnects_total')).toBe(reconnects + 1), {
+      timeout: 10_000,
+    });
+    await h.advance(1000);
+    expect((await stream.until('cpu', 'missed'))[0]!.value).toBe('missed');
+  });
+
+  it('retries a read that failed on the next tick', async () => {
+    const { id, token } = await h.agent(['cpu']);
+    const stream = await watch(id, token);
+    await stream.next();
+    await post(id, token, [
+      { key: 'cpu', value: 'after the outage', collected_at: new Date(h.clock.now).toISOString() },
+    ]);
+    await flushAndHear();
+    const errors = await h.metric('metabatch_watch_refetch_errors_total');
+    const restore = await outage(db);
+    try {
+      await h.advance(1000);
+      await vi.waitFor(async () => expect(await h.metric('metabatch_watch_refetch_errors_total')).toBe(errors + 1));
+    } finally {
+      await restore();
+    }
+    await h.advance(1000);
+    expect((await stream.until('cpu', 'after the outage'))[0]!.value).toBe('after the outage');
   });
 
   it('keeps at most one pending event for a client that stops reading, dropping and counting the rest', async () => {
@@ -165,31 +235,30 @@ describe('GET /v1/agents/{id}/metadata/watch', () => {
     );
     await h.advance(5000);
     // A raw socket that sends the request and never reads.
-    const socket = net.connect(Number(new URL(base).port), '127.0.0.1');
+    const socket = net.connect(Number(new URL(h.base).port), '127.0.0.1');
     await new Promise((resolve) => socket.once('connect', resolve));
     socket.pause();
     socket.write(`GET /v1/agents/${id}/metadata/watch HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${token}\r\n\r\n`);
-    await vi.waitFor(() => expect(h.hub.watcherCount).toBe(1));
-    const sent = () => metric('metabatch_watch_events_sent_total');
-    const dropped = () => metric('metabatch_watch_events_dropped_total');
+    await vi.waitFor(async () => expect(await h.metric('metabatch_watchers')).toBe(1));
+    const sent = () => h.metric('metabatch_watch_events_sent_total');
+    const dropped = () => h.metric('metabatch_watch_events_dropped_total');
     const droppedBefore = await dropped();
     const sentBefore = await sent();
     // 200 events of ~230 kB each: ~46 MB if they were all buffered.
     for (let i = 0; i < 200; i++) {
-      h.hub.onBatch([id]);
-      await h.hub.tick();
+      h.service.watchHub.onBatch([id]);
+      await h.service.watchHub.tick();
     }
     await vi.waitFor(async () => expect(await dropped()).toBeGreaterThan(droppedBefore + 100));
     expect((await sent()) - sentBefore).toBeLessThan(100);
-    expect(process.memoryUsage().rss).toBeLessThan(1024 * 1024 * 1024);
     socket.destroy();
-    await vi.waitFor(() => expect(h.hub.watcherCount).toBe(0));
+    await vi.waitFor(async () => expect(await h.metric('metabatch_watchers')).toBe(0));
   });
 
   it('answers 401, 403 and 404 as the read API does', async () => {
     const a = await h.agent(['cpu']);
     const b = await h.agent(['cpu']);
-    const url = (agentId: string) => `${base}/v1/agents/${agentId}/metadata/watch`;
+    const url = (agentId: string) => `${h.base}/v1/agents/${agentId}/metadata/watch`;
     expect((await fetch(url(a.id))).status).toBe(401);
     expect((await fetch(url(a.id), { headers: { authorization: `Bearer ${b.token}` } })).status).toBe(403);
     const unknown = await fetch(url('123e4567-e89b-12d3-a456-426614174000'), {
@@ -197,12 +266,6 @@ describe('GET /v1/agents/{id}/metadata/watch', () => {
     });
     expect(unknown.status).toBe(404);
     expect(await unknown.json()).toEqual({ error: 'agent 123e4567-e89b-12d3-a456-426614174000 not found' });
-    expect(h.hub.watcherCount).toBe(0);
+    expect(await h.metric('metabatch_watchers')).toBe(0);
   });
 });
-
-async function metric(name: string): Promise<number> {
-  const m = h.registry.getSingleMetric(name);
-  const { values } = await m!.get();
-  return values[0]?.value ?? 0;
-}

@@ -5,6 +5,7 @@ import type { FastifyPluginAsync } from 'fastify';
 import { BatcherClosedError, type AddResult, type Batcher } from '../batcher.js';
 import { MAX_ALL_KEYS_BYTES, MAX_KEY_CHARS, normalizeReport, type ReportItem } from '../report.js';
 import type { Authenticate } from '../access.js';
+import type { Clock } from '../clock.js';
 import { HttpError } from '../errors.js';
 
 const reportSchema = {
@@ -33,6 +34,8 @@ const reportSchema = {
 export interface MetadataSink {
   add(...report: Parameters<Batcher['add']>): AddResult | Promise<AddResult>;
   readonly retryAfterSeconds: number;
+  /** Writes what it holds; the plugin calls it once the server has stopped taking requests. */
+  close(): Promise<unknown>;
 }
 
 const countsSchema = {
@@ -40,17 +43,22 @@ const countsSchema = {
   properties: { accepted: { type: 'integer' }, dropped: { type: 'integer' } },
 } as const;
 
-export const ingestRoutes: FastifyPluginAsync<{ batcher: MetadataSink; authenticate: Authenticate }> = async (
-  app,
-  { batcher, authenticate },
-) => {
+export const ingestRoutes: FastifyPluginAsync<{
+  batcher: MetadataSink;
+  authenticate: Authenticate;
+  clock: Clock;
+}> = async (app, { batcher, authenticate, clock }) => {
+  // After the requests in flight have finished: drain, flush, retry until FINAL_FLUSH_TIMEOUT_MS.
+  app.addHook('onClose', async () => {
+    await batcher.close();
+  });
   app.post<{ Params: { agentId: string }; Body: { metadata: ReportItem[] } }>(
     '/v1/agents/:agentId/metadata',
     { onRequest: authenticate, schema: { body: reportSchema, response: { '2xx': countsSchema, 429: countsSchema } } },
     async (request, reply) => {
       const caller = request.caller;
       if (caller?.kind !== 'agent') throw new HttpError(401, 'invalid agent token');
-      const report = normalizeReport(request.body.metadata, new Date());
+      const report = normalizeReport(request.body.metadata, new Date(clock.Date.now()));
       let result;
       try {
         result = await batcher.add(caller.agentId, report.keys, report.values, report.errors, report.collectedAts);

@@ -3,6 +3,7 @@
 
 import type { FastifyPluginAsync } from 'fastify';
 import type { Authenticate } from '../access.js';
+import type { Clock } from '../clock.js';
 import { HttpError } from '../errors.js';
 import type { MetadataStore } from '../store.js';
 import { toView, type WatchHub } from '../watch.js';
@@ -11,7 +12,14 @@ export const readRoutes: FastifyPluginAsync<{
   store: MetadataStore;
   watchHub: WatchHub;
   authenticate: Authenticate;
-}> = async (app, { store, watchHub, authenticate }) => {
+  clock: Clock;
+}> = async (app, { store, watchHub, authenticate, clock }) => {
+  // Open streams would keep the server from closing: end them first.
+  app.addHook('preClose', (done) => {
+    watchHub.close();
+    done();
+  });
+
   app.get<{ Params: { agentId: string } }>(
     '/v1/agents/:agentId/metadata',
     { onRequest: authenticate },
@@ -19,7 +27,7 @@ export const readRoutes: FastifyPluginAsync<{
       const agentId = request.params.agentId.toLowerCase();
       const rows = await store.getMetadata(agentId);
       if (rows === undefined) throw new HttpError(404, `agent ${agentId} not found`);
-      const now = Date.now();
+      const now = clock.Date.now();
       return rows.map((row) => toView(row, now));
     },
   );

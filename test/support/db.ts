@@ -10,6 +10,8 @@ import { provisionAgents } from '../../src/provision.js';
 import { TEMPLATE_DATABASE } from './globalSetup.js';
 
 export interface TestDatabase {
+  /** The database's name on the test server. */
+  name: string;
   url: string;
   pool: pg.Pool;
   /** Creates agents with the given keys declared, straight in SQL. */
@@ -23,6 +25,7 @@ export async function createTestDatabase(): Promise<TestDatabase> {
   const url = await recreateDatabase(serverUrl, name, TEMPLATE_DATABASE);
   const pool = createPool(url, createLogger('silent'), { max: 10 });
   return {
+    name,
     url,
     pool,
     async createAgents(count, keys = ['key1']) {
@@ -58,6 +61,9 @@ export function testDatabase(): TestDatabase {
     return current;
   };
   return {
+    get name() {
+      return get().name;
+    },
     get url() {
       return get().url;
     },
