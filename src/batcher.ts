@@ -9,6 +9,10 @@
 // The loop is one state machine (`Mode`, changed only by `to()`), with at
 // most one flush in flight: a flush is in flight from its UPDATE until its
 // announcement is done, and nothing merges into the batch meanwhile.
+//
+// Longer than our other files on purpose: every mode, every transition and
+// what each means live here together, so that the loop can be checked in one
+// read. The batch itself is in batch.ts, the retry schedule in backoff.ts.
 
 import type { Logger } from 'pino';
 import { Backoff, type BackoffOptions } from './backoff.js';

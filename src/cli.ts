@@ -88,6 +88,10 @@ async function withDatabase(config: Config, log: Logger, work: (url: string) => 
 async function serve(config: Config, log: Logger): Promise<number> {
   // Signals are handled from the first moment: one that arrives during
   // start-up stops the service as soon as it is up (and its Postgres with it).
+  // Handled here rather than with close-with-grace: its second signal calls
+  // process.exit(1) at once, with no time to write the spill file, and it
+  // cannot tell npm's forwarded copy of one signal (within a millisecond)
+  // from a second one.
   let firstSignalAt: number | undefined;
   let resolveExit!: (code: number) => void;
   const exit = new Promise<number>((resolve) => (resolveExit = resolve));

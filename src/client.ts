@@ -7,7 +7,8 @@
 
 import pgListen from 'pg-listen';
 import { decodeAgentIdChunk } from './agentIdChunks.js';
-import { DEFAULT_NOTIFY_CHANNEL } from './config.js';
+import { backoffDelay } from './backoff.js';
+import { DEFAULT_NOTIFY_CHANNEL, DEFAULTS } from './config.js';
 
 export interface SubscribeOptions {
   /** postgres:// URL of the database metabatch writes to. */
@@ -31,10 +32,9 @@ export interface Subscription {
 
 // How often the connection is checked with a trivial query.
 const HEALTH_CHECK_MS = 10_000;
-// Reconnect backoff: 100 ms doubling to 5 s. Small cap: a listener that
-// missed batches is stale until it is back.
-const RECONNECT_INITIAL_MS = 100;
-const RECONNECT_MAX_MS = 5000;
+// Reconnects back off as every retry of metabatch does (backoff.ts), from
+// 100 ms to 5 s (`DEFAULTS.reconnect`).
+const RECONNECT = { ...DEFAULTS.reconnect, random: Math.random };
 
 class SubscriptionClosed extends Error {}
 
@@ -60,7 +60,8 @@ export async function subscribe(options: SubscribeOptions): Promise<Subscription
       retryInterval: (attempt: number) => {
         // Thrown inside pg-listen's reconnect loop, this ends it after close().
         if (closed) throw new SubscriptionClosed('subscription closed');
-        return Math.min(RECONNECT_MAX_MS, RECONNECT_INITIAL_MS * 2 ** Math.min(attempt, 16));
+        // pg-listen counts from 0 after the first failed attempt.
+        return backoffDelay(attempt + 1, RECONNECT);
       },
     },
   );

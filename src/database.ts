@@ -69,16 +69,27 @@ export function databaseUrlFor(serverUrl: string, database: string): string {
 
 /** Creates `name` on the server of `serverUrl` (dropping one of that name first), optionally from a template. */
 export async function recreateDatabase(serverUrl: string, name: string, template?: string): Promise<string> {
+  await dropDatabase(serverUrl, name);
   const admin = new pg.Client({ connectionString: databaseUrlFor(serverUrl, 'postgres') });
   await admin.connect();
   try {
-    await admin.query(`DROP DATABASE IF EXISTS ${admin.escapeIdentifier(name)} WITH (FORCE)`);
     const from = template ? ` TEMPLATE ${admin.escapeIdentifier(template)}` : '';
     await admin.query(`CREATE DATABASE ${admin.escapeIdentifier(name)}${from}`);
   } finally {
     await admin.end();
   }
   return databaseUrlFor(serverUrl, name);
+}
+
+/** Drops `name` on the server of `serverUrl`, sessions and all. */
+export async function dropDatabase(serverUrl: string, name: string): Promise<void> {
+  const admin = new pg.Client({ connectionString: databaseUrlFor(serverUrl, 'postgres') });
+  await admin.connect();
+  try {
+    await admin.query(`DROP DATABASE IF EXISTS ${admin.escapeIdentifier(name)} WITH (FORCE)`);
+  } finally {
+    await admin.end();
+  }
 }
 
 export interface PoolOptions {

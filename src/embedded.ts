@@ -4,6 +4,10 @@
 // SIGTERM and exit handlers that stop Postgres and call process.exit(), which
 // would cut our graceful shutdown short. Postgres is started in a session of
 // its own, so a Ctrl-C or a group SIGTERM reaches only us; we stop it last.
+//
+// Longer than our other files: everything a bare machine needs for a cluster
+// (an OS account when root, reachable binaries, a kept port, recovery of a
+// cluster a killed process left running) is one concern, and reads in order.
 
 import { execFile, spawn } from 'node:child_process';
 import { randomBytes, createHash } from 'node:crypto';

@@ -1,5 +1,5 @@
 // An agent's metadata report, checked and normalised as coder's
-// BatchUpdateMetadata does it (reference section 4.2), with two differences
+// BatchUpdateMetadata does it (docs/original.md, "The input rules"), with two differences
 // the contract asks for: a report over the key limit is refused whole (400,
 // nothing applied) instead of cut, and an agent's collected_at is kept
 // (clamped to server time) instead of replaced by it.

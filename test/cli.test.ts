@@ -1,9 +1,15 @@
 // The `metabatch` command as a child process against a real database.
 
-import { describe, expect, it } from 'vitest';
+import { randomBytes } from 'node:crypto';
+import fs from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
+import pg from 'pg';
+import { describe, expect, inject, it, onTestFinished } from 'vitest';
 import { encodeAgentIdChunks } from '../src/agentIdChunks.js';
+import { dropDatabase, recreateDatabase } from '../src/database.js';
 import { testDatabase } from './support/db.js';
-import { CLI, run } from './support/process.js';
+import { CLI, freePort, run } from './support/process.js';
 
 const db = testDatabase();
 
@@ -30,18 +36,56 @@ describe('metabatch CLI', () => {
     expect(cli.stderr()).toMatch(/shown only this once/);
   });
 
-  it('database-url: prints the URL to give psql', async () => {
+  it('database-url: prints DATABASE_URL when it is set', async () => {
     const cli = run('node', [CLI, 'database-url'], { DATABASE_URL: db.url });
     expect((await cli.exited).code).toBe(0);
     expect(cli.stdout()).toBe(`${db.url}\n`);
   });
 
+  it('database-url: prints the URL of the embedded Postgres that a running serve uses, and psql-style clients can use it', async () => {
+    const dataDir = await fs.mkdtemp(path.join(os.tmpdir(), 'metabatch-cli-'));
+    const env = { DATA_DIR: dataDir, PORT: String(await freePort()), LOG_LEVEL: 'info' };
+    // Without a service: it starts the embedded Postgres for the occasion, and stops it.
+    const alone = run('node', [CLI, 'database-url'], env);
+    expect((await alone.exited).code).toBe(0);
+    expect(alone.stdout()).toMatch(/^postgres:\/\/postgres:[^@]+@127\.0\.0\.1:\d+\/metabatch\n$/);
+    expect(alone.stderr()).toMatch(/"msg":"embedded Postgres started"/);
+    expect(alone.stderr()).toMatch(/"msg":"embedded Postgres stopped"/);
+    const serve = run('node', [CLI, 'serve'], env);
+    try {
+      await serve.waitFor(/metabatch listening on/, 60_000);
+      const cli = run('node', [CLI, 'database-url'], env);
+      expect((await cli.exited).code).toBe(0);
+      // The same URL: the cluster keeps its port across restarts.
+      expect(cli.stdout()).toBe(alone.stdout());
+      expect(cli.stderr()).toBe('');
+      const client = new pg.Client(cli.stdout().trim());
+      await client.connect();
+      try {
+        const { rows } = await client.query(`SELECT count(*)::int AS n FROM metabatch_migrations`);
+        expect(rows[0].n).toBeGreaterThan(0);
+      } finally {
+        await client.end();
+      }
+    } finally {
+      serve.child.kill('SIGTERM');
+      await serve.exited;
+      await fs.rm(dataDir, { recursive: true, force: true });
+    }
+  }, 90_000);
+
   it('agents create --json: prints one JSON line on stdout, logs on stderr only', async () => {
+    // An empty database: the command migrates it first, and logs that.
+    const name = `cli_${randomBytes(4).toString('hex')}`;
+    const url = await recreateDatabase(inject('serverUrl'), name);
+    onTestFinished(() => dropDatabase(inject('serverUrl'), name));
     const cli = run('node', [CLI, 'agents', 'create', '--name', 'json-1', '--key', 'cpu', '--json'], {
-      DATABASE_URL: db.url,
+      DATABASE_URL: url,
       LOG_LEVEL: 'info',
     });
     expect((await cli.exited).code).toBe(0);
+    expect(cli.stdout().split('\n')).toHaveLength(2); // one line, then the final newline
+    expect(cli.stderr()).toMatch(/^\{"level":30,.*"msg":"database migrated"\}$/m);
     const created = JSON.parse(cli.stdout());
     expect(created).toMatchObject({ name: 'json-1', keys: ['cpu'] });
     expect(created.token).toMatch(/^mbt_/);

@@ -4,7 +4,7 @@
 import { randomBytes } from 'node:crypto';
 import pg from 'pg';
 import { afterAll, afterEach, beforeAll, inject } from 'vitest';
-import { createPool, databaseUrlFor, recreateDatabase } from '../../src/database.js';
+import { createPool, dropDatabase, recreateDatabase } from '../../src/database.js';
 import { createLogger } from '../../src/logger.js';
 import { provisionAgents } from '../../src/provision.js';
 import { TEMPLATE_DATABASE } from './globalSetup.js';
@@ -33,13 +33,7 @@ export async function createTestDatabase(): Promise<TestDatabase> {
     },
     async drop() {
       await pool.end();
-      const dropper = new pg.Client({ connectionString: databaseUrlFor(serverUrl, 'postgres') });
-      await dropper.connect();
-      try {
-        await dropper.query(`DROP DATABASE IF EXISTS ${name} WITH (FORCE)`);
-      } finally {
-        await dropper.end();
-      }
+      await dropDatabase(serverUrl, name);
     },
   };
 }
