@@ -5,6 +5,7 @@
 import Fastify, { LogController, type FastifyBaseLogger, type FastifyError, type FastifyInstance } from 'fastify';
 import type { Registry } from 'prom-client';
 import { adminOnly, adminOrAgent, agentOnly } from './access.js';
+import type { AgentStore } from './agentStore.js';
 import type { AgentAuthenticator } from './auth.js';
 import { systemClock, type Clock } from './clock.js';
 import { HttpError } from './errors.js';
@@ -20,6 +21,7 @@ import type { WatchHub } from './watch.js';
 export interface AppDependencies {
   logger: Logger;
   store: MetadataStore;
+  agents: AgentStore;
   batcher: MetadataSink;
   auth: AgentAuthenticator;
   registry: Registry;
@@ -107,7 +109,7 @@ export function buildApp(deps: AppDependencies): FastifyInstance {
   app.register(healthRoutes, { readiness: deps.readiness, registry: deps.registry, shuttingDown: () => closing });
   const clock = deps.clock ?? systemClock;
   app.register(ingestRoutes, { batcher: deps.batcher, authenticate: agentOnly(deps.auth), clock });
-  app.register(agentRoutes, { store: deps.store, auth: deps.auth, authenticate: adminOnly(deps.adminToken) });
+  app.register(agentRoutes, { store: deps.store, agents: deps.agents, auth: deps.auth, authenticate: adminOnly(deps.adminToken) });
   app.register(readRoutes, {
     store: deps.store,
     watchHub: deps.watchHub,

@@ -1,11 +1,14 @@
 // Who is calling. Agent tokens are looked up by their SHA-256, cached in a
 // bounded LRU so that the ingest path does not touch the database on every
 // request; unknown tokens are remembered briefly so a flood of bad tokens
-// cannot become a flood of queries.
+// cannot become a flood of queries. The cache forgets what the control
+// channel says changed: a rotated or deleted agent's tokens at once, every
+// "unknown" when an agent is created anywhere, everything after the LISTEN
+// connection reconnects (messages may have been missed).
 
 import { timingSafeEqual } from 'node:crypto';
 import { LRUCache } from 'lru-cache';
-import { hashToken, hashTokenBase64 } from './store.js';
+import { hashToken, hashTokenBase64 } from './tokens.js';
 
 export interface TokenLookup {
   agentIdForTokenHash(tokenHash: Buffer): Promise<string | undefined>;
@@ -21,14 +24,25 @@ export interface AuthenticatorOptions {
 export class AgentAuthenticator {
   private readonly known: LRUCache<string, string>;
   private readonly unknown: LRUCache<string, true>;
+  /** The cached token hashes of each agent, to forget them by agent. */
+  private readonly byAgent = new Map<string, Set<string>>();
   private readonly pending = new Map<string, Promise<string | undefined>>();
+  /** Bumped whenever something is forgotten: a lookup that started before caches nothing. */
+  private generation = 0;
 
   constructor(
     private readonly store: TokenLookup,
     options: AuthenticatorOptions = {},
   ) {
-    this.known = new LRUCache({ max: options.maxEntries ?? 100_000 });
-    // 5 s: an agent created on another replica is accepted here within 5 s.
+    this.known = new LRUCache({
+      max: options.maxEntries ?? 100_000,
+      dispose: (agentId, key) => {
+        const keys = this.byAgent.get(agentId);
+        keys?.delete(key);
+        if (keys?.size === 0) this.byAgent.delete(agentId);
+      },
+    });
+    // 5 s, and forgotten as soon as any replica creates an agent.
     this.unknown = new LRUCache({ max: 10_000, ttl: options.unknownTtlMs ?? 5000 });
   }
 
@@ -40,11 +54,14 @@ export class AgentAuthenticator {
     if (this.unknown.has(key)) return undefined;
     let lookup = this.pending.get(key);
     if (!lookup) {
+      const generation = this.generation;
       lookup = this.store
         .agentIdForTokenHash(Buffer.from(key, 'base64'))
         .then((agentId) => {
-          if (agentId === undefined) this.unknown.set(key, true);
-          else this.known.set(key, agentId);
+          if (generation === this.generation) {
+            if (agentId === undefined) this.unknown.set(key, true);
+            else this.cache(key, agentId);
+          }
           return agentId;
         })
         .finally(() => this.pending.delete(key));
@@ -53,11 +70,42 @@ export class AgentAuthenticator {
     return lookup;
   }
 
-  /** Remembers a token just created, and forgets that it was unknown. */
+  /** Remembers a token just created or rotated here, and forgets that it was unknown. */
   remember(token: string, agentId: string): void {
     const key = hashTokenBase64(token);
     this.unknown.delete(key);
+    this.cache(key, agentId);
+  }
+
+  /** The agent's tokens changed (rotated) or it is gone: refuse what was cached for it. */
+  forgetAgent(agentId: string): void {
+    this.generation++;
+    for (const key of [...(this.byAgent.get(agentId) ?? [])]) this.known.delete(key);
+    this.byAgent.delete(agentId);
+    this.pending.clear();
+  }
+
+  /** An agent was created somewhere: a token that was unknown may be known now. */
+  forgetUnknown(): void {
+    this.generation++;
+    this.unknown.clear();
+    this.pending.clear();
+  }
+
+  /** Messages may have been missed (the LISTEN connection reconnected): forget everything. */
+  clear(): void {
+    this.generation++;
+    this.known.clear();
+    this.unknown.clear();
+    this.byAgent.clear();
+    this.pending.clear();
+  }
+
+  private cache(key: string, agentId: string): void {
     this.known.set(key, agentId);
+    let keys = this.byAgent.get(agentId);
+    if (!keys) this.byAgent.set(agentId, (keys = new Set()));
+    keys.add(key);
   }
 }
 

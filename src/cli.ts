@@ -10,6 +10,7 @@ import { destination } from 'pino';
 import { createLogger, type Logger } from './logger.js';
 import { startService, type Service } from './main.js';
 import { subscribe } from './client.js';
+import { AgentStore } from './agentStore.js';
 import { MetadataStore } from './store.js';
 import { toView } from './watch.js';
 import { isUuid } from './agentIdChunks.js';
@@ -155,8 +156,8 @@ async function agents(config: Config, log: Logger, args: string[]): Promise<numb
     const pool = createPool(url, log, { max: 2 });
     try {
       await migrate(pool, log);
-      const store = new MetadataStore(pool);
-      const agent = await store.createAgent(name);
+      const store = new MetadataStore(pool, { notifyChannel: config.notifyChannel });
+      const agent = await new AgentStore(pool).create(name);
       await store.putDefinitions(
         agent.id,
         keys.map((key, index) => ({

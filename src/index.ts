@@ -10,8 +10,11 @@ export type {
   MetadataWriter,
   UpdateResult,
 } from './batcher.js';
-export { MetadataStore, hashToken } from './store.js';
-export type { Agent, CreatedAgent, MetadataDefinition, MetadataRow } from './store.js';
+export { MetadataStore } from './store.js';
+export type { MetadataDefinition, MetadataRow, MetadataOfAgents, MetadataReadOptions } from './store.js';
+export { AgentStore } from './agentStore.js';
+export type { Agent, AgentPage, AgentSummary, CreatedAgent } from './agentStore.js';
+export { hashToken } from './tokens.js';
 export { Publisher } from './publisher.js';
 export {
   decodeAgentIdChunk,

@@ -9,11 +9,14 @@ import { collectDefaultMetrics, Registry } from 'prom-client';
 import { buildApp } from './app.js';
 import { AgentAuthenticator } from './auth.js';
 import { Batcher } from './batcher.js';
-import { subscribe } from './client.js';
+import { decodeAgentIdChunk } from './agentIdChunks.js';
+import { AgentStore } from './agentStore.js';
+import { applyControlPayload, CONTROL_CHANNEL } from './control.js';
 import type { Clock } from './clock.js';
 import type { Config } from './config.js';
 import { createPool, migrate, openDatabase } from './database.js';
 import { DatabaseHealth } from './health.js';
+import { listen } from './listener.js';
 import type { DEFAULT_TIMEOUTS } from './limits.js';
 import type { Logger } from './logger.js';
 import { BatcherMetrics, registerDatabaseUp, WatchMetrics } from './metrics.js';
@@ -96,37 +99,56 @@ export async function startService(config: Config, log: Logger, options: Service
     opened.push(() => health.close());
     registerDatabaseUp(registry, () => health.up);
 
+    const agents = new AgentStore(pool);
+    const auth = new AgentAuthenticator(agents);
     const watchMetrics = new WatchMetrics(registry);
-    const watchLog = log.child({ component: 'watch' });
     const watchHub = new WatchHub({
       source: store,
       metrics: watchMetrics,
-      logger: watchLog,
+      logger: log.child({ component: 'watch' }),
       ...(clock ? { clock } : {}),
     });
     opened.push(() => watchHub.close());
-    // The service's one LISTEN connection, shared by every watcher.
-    const listener = await subscribe({
+    // The service's one LISTEN connection: batches for the watchers, and the
+    // control channel (agents created, deleted, tokens rotated on any replica).
+    const listenerLog = log.child({ component: 'listener' });
+    const listener = await listen({
       databaseUrl: database.url,
-      channel: config.notifyChannel,
-      onBatch: (agentIds) => {
-        watchMetrics.listenerBatchesTotal.inc();
-        watchHub.onBatch(agentIds);
+      channels: {
+        [config.notifyChannel]: (payload) => {
+          let agentIds: string[];
+          try {
+            agentIds = decodeAgentIdChunk(payload);
+          } catch (err) {
+            listenerLog.warn({ err }, 'a batch payload that is not agent ids; ignored');
+            return;
+          }
+          watchMetrics.listenerBatchesTotal.inc();
+          watchHub.onBatch(agentIds);
+        },
+        [CONTROL_CHANNEL]: (payload) => {
+          const message = applyControlPayload(payload, { auth, watchHub }, (err) =>
+            listenerLog.warn({ err }, 'a control payload this version cannot read; ignored'),
+          );
+          if (message) watchMetrics.controlMessagesTotal.inc({ type: message.type });
+        },
       },
       onResync: () => {
         watchMetrics.listenerReconnectsTotal.inc();
-        watchLog.info('LISTEN connection re-established; re-reading watched agents');
+        listenerLog.info('LISTEN connection re-established; re-reading watched agents, forgetting cached tokens');
         watchHub.resync();
+        auth.clear();
       },
-      onError: (err) => watchLog.warn({ err }, 'LISTEN connection problem; reconnecting'),
+      onError: (err) => listenerLog.warn({ err }, 'LISTEN connection problem; reconnecting'),
     });
     opened.push(() => listener.close());
 
     const app = buildApp({
       logger: log,
       store,
+      agents,
       batcher,
-      auth: new AgentAuthenticator(store),
+      auth,
       registry,
       readiness: { database: health, flushesFailing: () => batcher.flushesFailing },
       watchHub,

@@ -164,18 +164,39 @@ export function registerDatabaseUp(registry: Registry, up: () => boolean): void 
 
 /** The listening side: the shared LISTEN connection and the SSE watchers it feeds. */
 export class WatchMetrics {
-  readonly watchers: Gauge;
   readonly listenerBatchesTotal: Counter;
   readonly listenerReconnectsTotal: Counter;
   readonly eventsSentTotal: Counter;
   readonly eventsDroppedTotal: Counter;
   readonly refetchErrorsTotal: Counter;
+  readonly controlMessagesTotal: Counter<'type'>;
+  private source: { streams(): number; agents(): number } | undefined;
 
   constructor(registry: Registry) {
     const registers = [registry];
-    this.watchers = new Gauge({
+    const sourceOf = () => this.source;
+    new Gauge({
       name: 'metabatch_watchers',
       help: 'Server-Sent Events watch streams open.',
+      registers,
+      collect() {
+        const source = sourceOf();
+        if (source) this.set(source.streams());
+      },
+    });
+    new Gauge({
+      name: 'metabatch_watched_agents',
+      help: 'Distinct agents watched by the open streams.',
+      registers,
+      collect() {
+        const source = sourceOf();
+        if (source) this.set(source.agents());
+      },
+    });
+    this.controlMessagesTotal = new Counter({
+      name: 'metabatch_control_messages_total',
+      help: 'Control messages received by the shared listener (agents created, deleted, tokens rotated), by type.',
+      labelNames: ['type'],
       registers,
     });
     this.listenerBatchesTotal = new Counter({
@@ -203,5 +224,10 @@ export class WatchMetrics {
       help: 'Failed reads of watched agents after a batch; retried on the next tick.',
       registers,
     });
+  }
+
+  /** Lets the gauges read the watch hub at scrape time. */
+  bind(source: { streams(): number; agents(): number }): void {
+    this.source = source;
   }
 }

@@ -4,7 +4,7 @@
 
 import { randomBytes, randomUUID } from 'node:crypto';
 import type pg from 'pg';
-import { hashToken } from './store.js';
+import { hashToken } from './tokens.js';
 
 export interface ProvisionedAgent {
   id: string;

@@ -1,10 +1,10 @@
-// Everything metabatch reads from and writes to Postgres. The hot path is
-// `updateMetadata`: one `UPDATE … FROM unnest(arrays)` per flush, guarded so
-// an older collected_at never overwrites a newer one.
+// Agents' metadata in Postgres: the flush, the declared keys, and the reads.
+// The hot path is `updateMetadata`: one `UPDATE … FROM unnest(arrays)` per
+// flush, guarded so an older collected_at never overwrites a newer one.
+// (Agents themselves are in agentStore.ts.)
 
-import crypto, { createHash, randomBytes, randomUUID } from 'node:crypto';
 import type { Pool, PoolClient } from 'pg';
-import { MAX_AGENT_IDS_PER_CHUNK } from './agentIdChunks.js';
+import { encodeAgentId, MAX_AGENT_IDS_PER_CHUNK } from './agentIdChunks.js';
 import type { MetadataBatch, MetadataWriter, UpdateResult } from './batcher.js';
 
 /**
@@ -50,14 +50,6 @@ WHERE NOT EXISTS (
   WHERE w.workspace_agent_id = m.workspace_agent_id AND w.key = m.key
 )`;
 
-const insertAgent = `
-INSERT INTO workspace_agents (id, name, token_hash) VALUES ($1, $2, $3)
-RETURNING id::text, name, created_at`;
-
-const selectAgentByTokenHash = `SELECT id::text FROM workspace_agents WHERE token_hash = $1`;
-
-const selectAgentExists = `SELECT 1 FROM workspace_agents WHERE id = $1`;
-
 const lockAgent = `SELECT 1 FROM workspace_agents WHERE id = $1 FOR UPDATE`;
 
 const deleteUndeclaredKeys = `
@@ -74,26 +66,17 @@ ON CONFLICT (workspace_agent_id, key) DO UPDATE SET
   display_name = excluded.display_name, script = excluded.script, interval = excluded.interval,
   timeout = excluded.timeout, display_order = excluded.display_order`;
 
-const selectMetadata = `
-SELECT key, display_name, script, interval::float8 AS interval, timeout::float8 AS timeout,
-       display_order, value, error, collected_at
-FROM workspace_agent_metadata WHERE workspace_agent_id = $1 ORDER BY display_order, key`;
-
+// The rows of several agents in one query, and which of them do not exist
+// (the row of an unknown agent has a null exists column); optionally only
+// some keys, and the script only when asked for (it can be 64 KB).
 const selectMetadataOfAgents = `
-SELECT workspace_agent_id::text AS agent_id, key, display_name, script, interval::float8 AS interval,
-       timeout::float8 AS timeout, display_order, value, error, collected_at
-FROM workspace_agent_metadata WHERE workspace_agent_id = ANY($1::uuid[]) ORDER BY display_order, key`;
-
-export interface Agent {
-  id: string;
-  name: string;
-  created_at: Date;
-}
-
-export interface CreatedAgent extends Agent {
-  /** Shown once; only its hash is stored. */
-  token: string;
-}
+SELECT q.id::text AS agent_id, a.id IS NOT NULL AS exists, m.key, m.display_name,
+       CASE WHEN $3::bool THEN m.script ELSE '' END AS script,
+       m.interval::float8 AS interval, m.timeout::float8 AS timeout, m.display_order, m.value, m.error, m.collected_at
+FROM unnest($1::uuid[]) AS q(id)
+LEFT JOIN workspace_agents a ON a.id = q.id
+LEFT JOIN workspace_agent_metadata m ON m.workspace_agent_id = a.id AND ($2::text[] IS NULL OR m.key = ANY($2::text[]))
+ORDER BY m.display_order, m.key`;
 
 export interface MetadataDefinition {
   key: string;
@@ -110,22 +93,25 @@ export interface MetadataRow extends MetadataDefinition {
   collected_at: Date;
 }
 
-// crypto.hash() is the one-shot form (Node >= 20.12), several times cheaper
-// per call than a Hash object; this runs on every report.
-const oneShotHash = (crypto as { hash?: (algorithm: string, data: string, encoding: 'base64') => string }).hash;
-
-/** SHA-256 of an agent token: what the table stores. */
-export function hashToken(token: string): Buffer {
-  return createHash('sha256').update(token).digest();
+export interface MetadataReadOptions {
+  /** Only these keys. */
+  keys?: readonly string[];
+  /** Fill `script` (left empty otherwise). */
+  includeScript?: boolean;
 }
 
-/** SHA-256 of an agent token in base64: what the token cache keys on. */
-export function hashTokenBase64(token: string): string {
-  return oneShotHash ? oneShotHash('sha256', token, 'base64') : hashToken(token).toString('base64');
+export interface MetadataOfAgents {
+  /** Each agent that exists, with its rows (possibly none), in the order asked. */
+  agents: Map<string, MetadataRow[]>;
+  /** The agents asked for that do not exist. */
+  missing: string[];
 }
 
 export interface MetadataStoreOptions {
-  /** When set, each flush's UPDATE also NOTIFYs this channel, in the same statement. */
+  /**
+   * When set, each flush's UPDATE also NOTIFYs this channel, in the same
+   * statement, and a change of an agent's declared keys names the agent on it.
+   */
   notifyChannel?: string;
 }
 
@@ -162,24 +148,6 @@ export class MetadataStore implements MetadataWriter {
     return result;
   }
 
-  async createAgent(name: string): Promise<CreatedAgent> {
-    // 32 random bytes: unguessable, so a fast hash is enough to store it.
-    const token = `mbt_${randomBytes(32).toString('base64url')}`;
-    const { rows } = await this.pool.query<Agent>(insertAgent, [randomUUID(), name, hashToken(token)]);
-    return { ...rows[0]!, token };
-  }
-
-  /** The agent a token belongs to, by the token's hash. */
-  async agentIdForTokenHash(tokenHash: Buffer): Promise<string | undefined> {
-    const { rows } = await this.pool.query<{ id: string }>(selectAgentByTokenHash, [tokenHash]);
-    return rows[0]?.id;
-  }
-
-  async agentExists(agentId: string): Promise<boolean> {
-    const { rowCount } = await this.pool.query(selectAgentExists, [agentId]);
-    return rowCount === 1;
-  }
-
   /**
    * Replaces the keys an agent declares: new keys get rows, kept keys keep
    * their values, keys no longer declared are deleted. Returns the stored
@@ -203,24 +171,52 @@ export class MetadataStore implements MetadataWriter {
         definitions.map((d) => d.timeout),
         definitions.map((d) => d.display_order),
       ]);
-      const { rows } = await client.query<MetadataRow>(selectMetadata, [agentId]);
-      return rows;
+      // The agent's rows changed: the hint listeners act on (watchers re-read it).
+      if (this.notifyChannel !== undefined) {
+        await client.query('SELECT pg_notify($1, $2)', [this.notifyChannel, encodeAgentId(agentId)]);
+      }
+      return (await this.readAgents(client, [agentId], {})).agents.get(agentId) ?? [];
     });
   }
 
   /** An agent's rows sorted by display_order then key, or undefined for an unknown agent. */
   async getMetadata(agentId: string): Promise<MetadataRow[] | undefined> {
-    const { rows } = await this.pool.query<MetadataRow>(selectMetadata, [agentId]);
-    if (rows.length > 0) return rows;
-    return (await this.agentExists(agentId)) ? [] : undefined;
+    return (await this.getMetadataOfAgents([agentId])).agents.get(agentId);
   }
 
-  /** The rows of several agents in one query, each list sorted as `getMetadata` sorts it. */
-  async getMetadataOfAgents(agentIds: readonly string[]): Promise<Map<string, MetadataRow[]>> {
-    const byAgent = new Map<string, MetadataRow[]>(agentIds.map((id) => [id, []]));
-    const { rows } = await this.pool.query<MetadataRow & { agent_id: string }>(selectMetadataOfAgents, [agentIds]);
-    for (const { agent_id, ...row } of rows) byAgent.get(agent_id)?.push(row);
-    return byAgent;
+  /**
+   * The rows of several agents in one query, each list sorted as
+   * `getMetadata` sorts it, and the agents that do not exist. `keys`
+   * restricts the rows to those keys; `script` is empty unless
+   * `includeScript`.
+   */
+  getMetadataOfAgents(agentIds: readonly string[], options: MetadataReadOptions = {}): Promise<MetadataOfAgents> {
+    return this.readAgents(this.pool, agentIds, options);
+  }
+
+  private async readAgents(
+    queryable: Pool | PoolClient,
+    agentIds: readonly string[],
+    options: MetadataReadOptions,
+  ): Promise<MetadataOfAgents> {
+    const ids = [...new Set(agentIds)];
+    const { rows } = await queryable.query<MetadataRow & { agent_id: string; exists: boolean }>(
+      selectMetadataOfAgents,
+      [ids, options.keys ?? null, options.includeScript ?? false],
+    );
+    const agents = new Map<string, MetadataRow[]>();
+    const missing = new Set<string>();
+    for (const { agent_id, exists, ...row } of rows) {
+      if (!exists) {
+        missing.add(agent_id);
+        continue;
+      }
+      let list = agents.get(agent_id);
+      if (!list) agents.set(agent_id, (list = []));
+      // An agent with no (matching) keys comes as one row of nulls.
+      if (row.key !== null) list.push(row);
+    }
+    return { agents, missing: ids.filter((id) => missing.has(id)) };
   }
 
   private async transaction<T>(work: (client: PoolClient) => Promise<T>): Promise<T> {

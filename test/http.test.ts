@@ -48,8 +48,9 @@ describe('POST /v1/agents/{id}/metadata', () => {
     expect(rows.cpu).toMatchObject({ value: '12%', error: '', collected_at: '2026-11-22T23:59:00.000Z' });
     // No collected_at: the server's time.
     expect(rows.mem!.collected_at).toBe(new Date(postedAt).toISOString());
-    await h.waitForPayloads(1);
-    expect(h.payloads).toEqual([[id]]);
+    // Declaring its keys announced the agent, and so did the flush.
+    await h.waitForPayloads(2);
+    expect(h.payloads).toEqual([[id], [id]]);
   });
 
   it('clamps a collected_at in the future to server time', async () => {

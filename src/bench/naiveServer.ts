@@ -7,6 +7,7 @@ import type pg from 'pg';
 import { Registry } from 'prom-client';
 import { encodeAgentId } from '../agentIdChunks.js';
 import { buildApp } from '../app.js';
+import { AgentStore } from '../agentStore.js';
 import { AgentAuthenticator } from '../auth.js';
 import type { AddResult } from '../batcher.js';
 import { DEFAULT_NOTIFY_CHANNEL } from '../config.js';
@@ -46,12 +47,14 @@ const log = createLogger('warn');
 const registry = new Registry();
 const pool = createPool(process.env.DATABASE_URL!, log, { registry, asyncCommit: true });
 const store = new MetadataStore(pool);
+const agents = new AgentStore(pool);
 const hub = new WatchHub({ source: store, metrics: new WatchMetrics(registry), logger: log });
 const app = buildApp({
   logger: log,
   store,
   batcher: new NaiveSink(pool, process.env.NOTIFY_CHANNEL ?? DEFAULT_NOTIFY_CHANNEL),
-  auth: new AgentAuthenticator(store),
+  agents,
+  auth: new AgentAuthenticator(agents),
   registry,
   readiness: { database: { check: async () => true, error: undefined }, flushesFailing: () => false },
   watchHub: hub,

@@ -2,6 +2,7 @@
 // each reports. Reports for undeclared keys are counted and ignored.
 
 import type { FastifyPluginAsync } from 'fastify';
+import type { AgentStore } from '../agentStore.js';
 import type { AgentAuthenticator } from '../auth.js';
 import type { Authenticate } from '../access.js';
 import { HttpError } from '../errors.js';
@@ -45,14 +46,15 @@ type DefinitionInput = Partial<MetadataDefinition> & { key: string };
 
 export const agentRoutes: FastifyPluginAsync<{
   store: MetadataStore;
+  agents: AgentStore;
   auth: AgentAuthenticator;
   authenticate: Authenticate;
-}> = async (app, { store, auth, authenticate }) => {
+}> = async (app, { store, agents, auth, authenticate }) => {
   app.post<{ Body: { name: string } }>(
     '/v1/agents',
     { onRequest: authenticate, schema: { body: createSchema } },
     async (request, reply) => {
-      const agent = await store.createAgent(request.body.name.trim());
+      const agent = await agents.create(request.body.name.trim());
       auth.remember(agent.token, agent.id);
       return reply.code(201).send({ id: agent.id, name: agent.name, token: agent.token });
     },

@@ -6,6 +6,7 @@ import type { Authenticate } from '../access.js';
 import type { Clock } from '../clock.js';
 import { HttpError } from '../errors.js';
 import type { MetadataStore } from '../store.js';
+import { serveWatch } from '../sse.js';
 import { toView, type WatchHub } from '../watch.js';
 
 export const readRoutes: FastifyPluginAsync<{
@@ -37,41 +38,7 @@ export const readRoutes: FastifyPluginAsync<{
     { onRequest: authenticate },
     async (request, reply) => {
       const agentId = request.params.agentId.toLowerCase();
-      // Watch first, then read: a batch in between marks the agent for a re-read.
-      const watcher = watchHub.add(agentId);
-      let rows;
-      try {
-        rows = watchHub.cachedRows(agentId) ?? (await store.getMetadata(agentId));
-      } catch (err) {
-        watchHub.remove(watcher);
-        throw err;
-      }
-      if (rows === undefined) {
-        watchHub.remove(watcher);
-        throw new HttpError(404, `agent ${agentId} not found`);
-      }
-      const res = reply.raw;
-      reply.hijack();
-      res.writeHead(200, {
-        'content-type': 'text/event-stream',
-        'cache-control': 'no-cache',
-        connection: 'keep-alive',
-        'x-accel-buffering': 'no',
-      });
-      res.flushHeaders();
-      request.raw.socket.setNoDelay(true);
-      const stop = () => watchHub.remove(watcher);
-      res.on('close', stop);
-      res.on('error', stop);
-      watchHub.attach(
-        watcher,
-        {
-          write: (chunk) => res.write(chunk),
-          onceDrained: (callback) => res.once('drain', callback),
-          end: () => res.end(),
-        },
-        rows,
-      );
+      await serveWatch(request, reply, watchHub, store, { agentIds: [agentId], format: 'list', requireAll: true });
     },
   );
 };

@@ -32,7 +32,7 @@ export interface ServiceHarness {
   advance(ms: number): Promise<void>;
   metric(name: string, labels?: Record<string, string>): Promise<number>;
   waitForPayloads(count: number): Promise<void>;
-  /** Creates an agent through the API with these keys declared. */
+  /** Creates an agent through the API with these keys declared (which announces it on the batch channel). */
   agent(keys?: string[]): Promise<{ id: string; token: string }>;
   post(agentId: string, token: string | undefined, body: unknown): Promise<LightMyRequestResponse>;
   /** Stops the service (as SIGTERM does) and the test's listener. */
