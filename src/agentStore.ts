@@ -74,6 +74,25 @@ export interface AgentPage {
   next_cursor?: string;
 }
 
+/** An agent as the API answers it (times as ISO strings). */
+export interface AgentView {
+  id: string;
+  name: string;
+  created_at: string;
+  last_reported_at: string | null;
+  declared_keys: number;
+}
+
+export function agentView(agent: AgentSummary): AgentView {
+  return {
+    id: agent.id,
+    name: agent.name,
+    created_at: agent.created_at.toISOString(),
+    last_reported_at: agent.last_reported_at?.toISOString() ?? null,
+    declared_keys: agent.declared_keys,
+  };
+}
+
 export class CursorError extends Error {
   override name = 'CursorError';
 }

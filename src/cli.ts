@@ -1,25 +1,24 @@
 #!/usr/bin/env node
-// The `metabatch` command: serve (the default), migrate, agents create,
-// watch, bench. Every command reads the same env vars.
+// The `metabatch` command: serve (the default), migrate, agents, database-url,
+// watch, bench. Every command reads the same env vars. `serve` is here with
+// its signal handling; the others live in src/commands/.
 
-import { parseArgs } from 'node:util';
+import { destination } from 'pino';
+import { agentsCommand, AGENTS_USAGE } from './commands/agents.js';
+import { UsageError, withDatabase } from './commands/common.js';
+import { watchCommand } from './commands/watch.js';
 import type { Config } from './config.js';
 import { ConfigError, loadConfig } from './config.js';
-import { createPool, migrate, openDatabase } from './database.js';
-import { destination } from 'pino';
+import { createPool, migrate } from './database.js';
 import { createLogger, type Logger } from './logger.js';
 import { startService, type Service } from './main.js';
-import { subscribe } from './client.js';
-import { AgentStore } from './agentStore.js';
-import { MetadataStore } from './store.js';
-import { toView } from './watch.js';
-import { isUuid } from './agentIdChunks.js';
 
 const USAGE = `usage: metabatch [command]
 
   serve                              run the service (default)
   migrate                            apply the schema in sql/ and exit
-  agents create --name N [--key K]…  create an agent, declare its keys, print its id and token
+  agents create|list|show|delete|rotate-token …
+                                     manage agents (metabatch agents --help)
   database-url                       print the URL of the database (psql "$(metabatch database-url)")
   watch [--agent ID]                 print a line per batch; with --agent, that agent's metadata
   bench [--quick] [--json FILE] …    run the benchmark (see README)
@@ -27,8 +26,6 @@ const USAGE = `usage: metabatch [command]
 Configuration comes from env vars (README): DATABASE_URL, DATA_DIR, HOST, PORT,
 BATCH_SIZE, FLUSH_INTERVAL_MS, CHANNEL_MULTIPLIER, FINAL_FLUSH_TIMEOUT_MS,
 MAX_HELD_KEYS, NOTIFY_CHANNEL, ADMIN_TOKEN, LOG_LEVEL.`;
-
-class UsageError extends Error {}
 
 async function main(argv: string[]): Promise<number> {
   const [command = 'serve', ...rest] = argv;
@@ -54,35 +51,24 @@ async function main(argv: string[]): Promise<number> {
         return 0;
       });
     case 'agents':
-      return agents(config, log, rest);
+      if (rest[0] === '--help' || rest[0] === 'help') {
+        process.stdout.write(`${AGENTS_USAGE}\n`);
+        return 0;
+      }
+      return agentsCommand(config, log, rest);
     case 'database-url':
       return withDatabase(config, log, async (url) => {
         process.stdout.write(`${url}\n`);
         return 0;
       });
     case 'watch':
-      return watch(config, log, rest);
+      return watchCommand(config, log, rest);
     case 'bench': {
       const { runBench } = await import('./bench/run.js');
       return runBench(rest);
     }
     default:
       throw new UsageError(`unknown command ${JSON.stringify(command)}`);
-  }
-}
-
-/** Runs `work` against DATABASE_URL, the running service's embedded Postgres, or one started for the occasion. */
-async function withDatabase(config: Config, log: Logger, work: (url: string) => Promise<number>): Promise<number> {
-  const database = await openDatabase({
-    databaseUrl: config.databaseUrl,
-    dataDir: config.dataDir,
-    log,
-    reuseRunning: true,
-  });
-  try {
-    return await work(database.url);
-  } finally {
-    await database.close();
   }
 }
 
@@ -133,107 +119,6 @@ async function serve(config: Config, log: Logger): Promise<number> {
   service = await startService(config, log);
   if (firstSignalAt !== undefined) stop();
   return exit;
-}
-
-async function agents(config: Config, log: Logger, args: string[]): Promise<number> {
-  const [sub, ...rest] = args;
-  if (sub !== 'create') throw new UsageError('usage: metabatch agents create --name N [--key K]…');
-  const { values } = parseArgs({
-    args: rest,
-    options: { name: { type: 'string' }, key: { type: 'string', multiple: true }, json: { type: 'boolean' } },
-    strict: true,
-  });
-  const name = values.name?.trim();
-  if (!name) throw new UsageError('agents create needs --name N');
-  if (name.length > 127) throw new UsageError('--name must be at most 127 characters');
-  const keys = values.key ?? [];
-  for (const key of keys) {
-    if (key.length < 1 || key.length > 127)
-      throw new UsageError(`--key must be 1 to 127 characters (got ${JSON.stringify(key)})`);
-  }
-  if (new Set(keys).size !== keys.length) throw new UsageError('--key values must differ');
-  return withDatabase(config, log, async (url) => {
-    const pool = createPool(url, log, { max: 2 });
-    try {
-      await migrate(pool, log);
-      const store = new MetadataStore(pool, { notifyChannel: config.notifyChannel });
-      const agent = await new AgentStore(pool).create(name);
-      await store.putDefinitions(
-        agent.id,
-        keys.map((key, index) => ({
-          key,
-          display_name: key,
-          script: '',
-          interval: 0,
-          timeout: 0,
-          display_order: index,
-        })),
-      );
-      if (values.json) {
-        process.stdout.write(`${JSON.stringify({ id: agent.id, name: agent.name, token: agent.token, keys })}\n`);
-      } else {
-        process.stdout.write(
-          `id: ${agent.id}\nname: ${agent.name}\ntoken: ${agent.token}\nkeys: ${keys.join(', ') || '(none)'}\n`,
-        );
-        process.stderr.write('The token is shown only this once: give it to the agent now.\n');
-      }
-    } finally {
-      await pool.end();
-    }
-    return 0;
-  });
-}
-
-async function watch(config: Config, log: Logger, args: string[]): Promise<number> {
-  const { values } = parseArgs({ args, options: { agent: { type: 'string' } }, strict: true });
-  const agentId = values.agent?.toLowerCase();
-  if (agentId !== undefined && !isUuid(agentId))
-    throw new UsageError(`--agent must be a UUID (got ${JSON.stringify(values.agent)})`);
-  // Listen for Ctrl-C first, so that one arriving during start-up is not fatal.
-  const interrupted = new Promise<void>((resolve) => {
-    process.once('SIGINT', resolve);
-    process.once('SIGTERM', resolve);
-  });
-  return withDatabase(config, log, async (url) => {
-    const pool = createPool(url, log, { max: 2 });
-    const store = new MetadataStore(pool);
-    const printAgent = async () => {
-      if (!agentId) return;
-      const rows = await store.getMetadata(agentId);
-      if (rows === undefined) {
-        process.stdout.write(`${new Date().toISOString()} agent ${agentId} not found\n`);
-        return;
-      }
-      const now = Date.now();
-      for (const row of rows.map((r) => toView(r, now))) {
-        // The original's "never collected" is the year 1.
-        const age = row.collected_at.startsWith('0001-') ? 'never reported' : `age=${row.age}s`;
-        process.stdout.write(
-          `  ${row.key}=${JSON.stringify(row.value)}${row.error ? ` error=${JSON.stringify(row.error)}` : ''} ${age}\n`,
-        );
-      }
-    };
-    const subscription = await subscribe({
-      databaseUrl: url,
-      channel: config.notifyChannel,
-      onBatch: (ids) => {
-        process.stdout.write(`${new Date().toISOString()} batch agents=${ids.length} ${ids.join(' ')}\n`);
-        if (agentId && ids.includes(agentId))
-          printAgent().catch((err: Error) => log.warn({ err }, 'could not read the agent'));
-      },
-      onResync: () => {
-        process.stdout.write(`${new Date().toISOString()} reconnected: batches may have been missed\n`);
-        printAgent().catch((err: Error) => log.warn({ err }, 'could not read the agent'));
-      },
-      onError: (err) => log.warn({ err }, 'listener problem'),
-    });
-    process.stderr.write(`listening on ${config.notifyChannel}; Ctrl-C to stop\n`);
-    await printAgent();
-    await interrupted;
-    await subscription.close();
-    await pool.end();
-    return 0;
-  });
 }
 
 main(process.argv.slice(2)).then(

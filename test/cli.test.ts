@@ -8,6 +8,7 @@ import pg from 'pg';
 import { describe, expect, inject, it, onTestFinished } from 'vitest';
 import { encodeAgentIdChunks } from '../src/agentIdChunks.js';
 import { dropDatabase, recreateDatabase } from '../src/database.js';
+import { hashToken } from '../src/tokens.js';
 import { testDatabase } from './support/db.js';
 import { CLI, freePort, run } from './support/process.js';
 
@@ -89,6 +90,75 @@ describe('metabatch CLI', () => {
     const created = JSON.parse(cli.stdout());
     expect(created).toMatchObject({ name: 'json-1', keys: ['cpu'] });
     expect(created.token).toMatch(/^mbt_/);
+  });
+
+  it('agents list, show, rotate-token and delete: tables for people, JSON with --json', async () => {
+    const env = { DATABASE_URL: db.url, LOG_LEVEL: 'warn' };
+    const cli = async (...args: string[]) => {
+      const child = run('node', [CLI, 'agents', ...args], env);
+      return { code: (await child.exited).code, stdout: child.stdout(), stderr: child.stderr() };
+    };
+    const prefix = `cli-${randomBytes(3).toString('hex')}`;
+    const created = await Promise.all(
+      ['a', 'b', 'c'].map(async (n) =>
+        JSON.parse((await cli('create', '--name', `${prefix}-${n}`, '--key', 'cpu', '--json')).stdout),
+      ),
+    );
+    await db.pool.query(
+      `UPDATE workspace_agent_metadata SET value = '7%', collected_at = now() - interval '3 seconds' WHERE workspace_agent_id = $1`,
+      [created[0].id],
+    );
+
+    const page1 = await cli('list', '--name-prefix', prefix, '--limit', '2', '--json');
+    expect(page1.code).toBe(0);
+    const first = JSON.parse(page1.stdout);
+    expect(first.agents.map((a: { name: string }) => a.name).sort()).toHaveLength(2);
+    expect(first.next_cursor).toEqual(expect.any(String));
+    const page2 = JSON.parse(
+      (await cli('list', '--name-prefix', prefix, '--limit', '2', '--cursor', first.next_cursor, '--json')).stdout,
+    );
+    expect(page2.next_cursor).toBeUndefined();
+    const listed = [...first.agents, ...page2.agents];
+    expect(listed.map((a: { id: string }) => a.id).sort()).toEqual(created.map((a) => a.id).sort());
+    expect(listed.find((a: { id: string }) => a.id === created[0].id)).toMatchObject({
+      name: `${prefix}-a`,
+      declared_keys: 1,
+      last_reported_at: expect.stringMatching(/^\d{4}-/),
+    });
+    expect(listed.find((a: { id: string }) => a.id === created[1].id).last_reported_at).toBeNull();
+
+    const human = await cli('list', '--name-prefix', prefix, '--limit', '2');
+    expect(human.stdout.split('\n')[0]).toMatch(/^ID +NAME +CREATED +LAST REPORTED +KEYS$/);
+    expect(human.stderr).toMatch(/^more: metabatch agents list --cursor \S+\n$/);
+
+    const shown = await cli('show', created[0].id);
+    expect(shown.stdout).toMatch(/^KEY +VALUE +AGE +ERROR$/m);
+    expect(shown.stdout).toMatch(/^cpu +7% +[34]s$/m);
+    expect(JSON.parse((await cli('show', created[0].id, '--json')).stdout).metadata[0]).toMatchObject({
+      key: 'cpu',
+      value: '7%',
+      stale: false,
+    });
+
+    const rotated = await cli('rotate-token', created[1].id, '--json');
+    const { token } = JSON.parse(rotated.stdout);
+    expect(token).toMatch(/^mbt_/);
+    expect(token).not.toBe(created[1].token);
+    const { rows } = await db.pool.query(`SELECT token_hash FROM workspace_agents WHERE id = $1`, [created[1].id]);
+    expect(rows[0].token_hash).toEqual(hashToken(token));
+
+    expect(await cli('delete', created[2].id)).toMatchObject({ code: 0, stdout: `deleted ${created[2].id}\n` });
+    expect(await cli('delete', created[2].id)).toMatchObject({
+      code: 1,
+      stderr: `metabatch: agent ${created[2].id} not found\n`,
+    });
+    expect(await cli('show', 'nope')).toMatchObject({
+      code: 2,
+      stderr: 'metabatch: the agent id must be a UUID (got "nope")\n',
+    });
+    expect((await cli('list', '--cursor', 'garbage')).stderr).toMatch(
+      /^metabatch: --cursor: cursor is not one this service gave out/,
+    );
   });
 
   it('agents create: refuses a missing --name with a usage line', async () => {

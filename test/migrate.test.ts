@@ -29,7 +29,11 @@ describe('migrations', () => {
     );
     try {
       const applied = await Promise.all(pools.map((pool) => migrate(pool, log)));
-      expect(applied.flat().sort()).toEqual(['001.do.workspace-agents.sql', '002.do.workspace-agent-metadata.sql']);
+      expect(applied.flat().sort()).toEqual([
+        '001.do.workspace-agents.sql',
+        '002.do.workspace-agent-metadata.sql',
+        '003.do.agents-by-creation.sql',
+      ]);
       expect(await migrate(pools[0]!, log)).toEqual([]);
       const { rows } = await pools[0]!.query(
         `SELECT column_name FROM information_schema.columns WHERE table_name = 'workspace_agent_metadata' ORDER BY ordinal_position`,
