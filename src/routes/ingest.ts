@@ -1,34 +1,53 @@
 // POST /v1/agents/{agentId}/metadata: an agent reports; the batcher queues.
 // 202 when every key was queued, 429 with Retry-After when some were refused.
 
-import type { FastifyPluginAsync } from 'fastify';
+import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox';
+import { Type } from 'typebox';
 import { BatcherClosedError, type AddResult, type Batcher } from '../batcher.js';
-import { MAX_ALL_KEYS_BYTES, MAX_KEY_CHARS, normalizeReport, type ReportItem } from '../report.js';
+import { MAX_ALL_KEYS_BYTES, MAX_ERROR_BYTES, MAX_KEY_CHARS, MAX_VALUE_BYTES, normalizeReport } from '../report.js';
 import type { Authenticate } from '../access.js';
 import type { Clock } from '../clock.js';
 import { HttpError } from '../errors.js';
+import {
+  AgentIdParams,
+  BAD_BODY,
+  Counts,
+  errors,
+  HEADERS_TOO_LARGE,
+  INTERNAL,
+  json,
+  NOT_JSON,
+  SECURITY,
+  TOO_LARGE,
+} from '../schemas.js';
 
-const reportSchema = {
-  type: 'object',
-  required: ['metadata'],
-  properties: {
-    metadata: {
-      type: 'array',
+// Limits: docs/original.md, "The input rules"; the finer checks are normalizeReport's.
+const ReportBody = Type.Object({
+  metadata: Type.Array(
+    Type.Object({
+      key: Type.String({ minLength: 1, maxLength: MAX_KEY_CHARS, description: 'A declared key.' }),
+      value: Type.Optional(
+        Type.String({
+          description: `Default "". Trimmed; over ${MAX_VALUE_BYTES} bytes it is cut and \`error\` says so.`,
+        }),
+      ),
+      error: Type.Optional(
+        Type.String({ description: `Default "". Trimmed; over ${MAX_ERROR_BYTES} bytes it is replaced.` }),
+      ),
+      collected_at: Type.Optional(
+        Type.String({
+          description:
+            'RFC 3339 (2026-11-23T00:00:00Z). Default: server time; a time in the future becomes server time.',
+        }),
+      ),
+    }),
+    {
       // Each key is at least one byte, so more items than this always exceed the key limit.
       maxItems: MAX_ALL_KEYS_BYTES,
-      items: {
-        type: 'object',
-        required: ['key'],
-        properties: {
-          key: { type: 'string', minLength: 1, maxLength: MAX_KEY_CHARS },
-          value: { type: 'string' },
-          error: { type: 'string' },
-          collected_at: { type: 'string' },
-        },
-      },
+      description: `The keys reported; all keys together at most ${MAX_ALL_KEYS_BYTES} bytes.`,
     },
-  },
-} as const;
+  ),
+});
 
 /** Where reports go: the Batcher; the benchmark's naive mode writes at once instead. */
 export interface MetadataSink {
@@ -38,12 +57,7 @@ export interface MetadataSink {
   close(): Promise<unknown>;
 }
 
-const countsSchema = {
-  type: 'object',
-  properties: { accepted: { type: 'integer' }, dropped: { type: 'integer' } },
-} as const;
-
-export const ingestRoutes: FastifyPluginAsync<{
+export const ingestRoutes: FastifyPluginAsyncTypebox<{
   batcher: MetadataSink;
   authenticate: Authenticate;
   clock: Clock;
@@ -52,9 +66,54 @@ export const ingestRoutes: FastifyPluginAsync<{
   app.addHook('onClose', async () => {
     await batcher.close();
   });
-  app.post<{ Params: { agentId: string }; Body: { metadata: ReportItem[] } }>(
+  app.post(
     '/v1/agents/:agentId/metadata',
-    { onRequest: authenticate, schema: { body: reportSchema, response: { '2xx': countsSchema, 429: countsSchema } } },
+    {
+      onRequest: authenticate,
+      schema: {
+        tags: ['ingest'],
+        summary: 'Report an agent’s metadata',
+        description:
+          'Queues the reported keys for the next batch UPDATE (at the latest FLUSH_INTERVAL_MS later) and answers ' +
+          'at once. Several reports of one key: the newest `collected_at` wins, a tie goes to the later arrival. ' +
+          'Keys the agent never declared are counted and ignored. A report whose keys total over ' +
+          `${MAX_ALL_KEYS_BYTES} bytes is refused whole (400), as is one with a bad \`collected_at\` or a NUL character.`,
+        security: SECURITY.agent,
+        params: AgentIdParams,
+        body: ReportBody,
+        response: {
+          202: json('Every key was queued.', Counts),
+          429: json(
+            'Some keys were refused (`dropped`): the channel is full, or MAX_HELD_KEYS keys are held while ' +
+              'flushes fail. Send those keys again after Retry-After.',
+            Counts,
+            {
+              'retry-after': Type.Integer({
+                minimum: 1,
+                maximum: 30,
+                description:
+                  'Seconds to wait: 1 while flushes succeed, else the longest wait of the current retry backoff.',
+              }),
+            },
+          ),
+          ...errors({
+            400:
+              BAD_BODY +
+              ' Also: keys over their total limit (`metadata keys of N bytes exceeded 6144 bytes`), a bad ' +
+              '`collected_at`, NUL characters. Nothing of the report is applied.',
+            401: 'No agent token, or an unknown one (the admin token is not an agent token).',
+            403: 'The token belongs to another agent: `this token belongs to another agent`.',
+            413: TOO_LARGE,
+            415: NOT_JSON,
+            431: HEADERS_TOO_LARGE,
+            500: INTERNAL,
+            503:
+              'Shutting down (`shutting down: retry against another replica or later`), or the token could not ' +
+              'be checked because the database is down.',
+          }),
+        },
+      },
+    },
     async (request, reply) => {
       const caller = request.caller;
       if (caller?.kind !== 'agent') throw new HttpError(401, 'invalid agent token');

@@ -1,0 +1,191 @@
+// The HTTP API's shared schemas (TypeBox): Fastify's ajv validates requests
+// with them, fast-json-stringify serializes answers with them, the type
+// provider types handlers from them, and @fastify/swagger builds the OpenAPI
+// document from them. Each schema named in COMPONENTS appears in the
+// document once, under components/schemas, and routes refer to it there.
+//
+// A route declares its answers with `json()` (and `errors()` for the error
+// statuses), so that each status has its own description while the schema
+// object stays the shared one.
+
+import { Type, type Static, type TSchema } from 'typebox';
+import { MAX_VALUE_BYTES } from './report.js';
+
+/** Every error: `{"error": "<message>"}`. */
+export const ErrorBody = Type.Object(
+  { error: Type.String({ description: 'What went wrong, in a sentence for a human.' }) },
+  { description: 'Every error answer of the API: one message.' },
+);
+export type ErrorBody = Static<typeof ErrorBody>;
+
+/** The `{agentId}` path parameter. */
+export const AgentIdParams = Type.Object({
+  agentId: Type.String({
+    format: 'uuid',
+    description: 'The agent’s id, a UUID (any case). Anything else is a 400 before the token is checked.',
+  }),
+});
+
+/** How many keys of a report were queued and how many were refused. */
+export const Counts = Type.Object(
+  {
+    accepted: Type.Integer({ minimum: 0, description: 'Keys queued: they reach the table at the next flush.' }),
+    dropped: Type.Integer({ minimum: 0, description: 'Keys refused: send them again after Retry-After.' }),
+  },
+  { description: 'The keys of one report, queued or refused.' },
+);
+
+/** One metadata key of an agent as clients see it (the GET list, and each item of a watch `data` event). */
+export const MetadataItem = Type.Object(
+  {
+    key: Type.String({ description: 'The key, as declared.' }),
+    display_name: Type.String({ description: 'Its label (the key unless declared otherwise).' }),
+    display_order: Type.Integer({ description: 'Lists are sorted by display_order, then key.' }),
+    interval: Type.Integer({ minimum: 0, description: 'Seconds between the agent’s reports of it; 0: not periodic.' }),
+    timeout: Type.Integer({ minimum: 0, description: 'Seconds the agent allows its script.' }),
+    value: Type.String({ description: `The newest value, trimmed, at most ${MAX_VALUE_BYTES} bytes.` }),
+    error: Type.String({ description: 'The newest error ("" if none), or why the value was cut.' }),
+    collected_at: Type.String({
+      format: 'date-time',
+      description: 'When the agent collected the value; 0001-01-01T00:00:00.000Z while never reported.',
+    }),
+    age: Type.Integer({ minimum: 0, description: 'Whole seconds since collected_at, at the time of the answer.' }),
+    stale: Type.Boolean({
+      description: 'Older than its interval allows: interval > 0 and age > max(interval + 2 × timeout, 5).',
+    }),
+    pending: Type.Optional(
+      Type.Literal(true, { description: 'Present (true) only while the key was never reported.' }),
+    ),
+    script: Type.Optional(
+      Type.String({ description: 'What the agent runs for it: only in the bulk read, with include_script=true.' }),
+    ),
+  },
+  { description: 'One metadata key of an agent, as clients see it.' },
+);
+export type MetadataItem = Static<typeof MetadataItem>;
+
+/** An agent's metadata list, sorted by display_order then key. */
+export const MetadataList = Type.Array(MetadataItem, {
+  description: 'The agent’s keys sorted by display_order, then key.',
+});
+
+/** A declared key as stored (what PUT …/metadata-definitions answers). */
+export const MetadataDefinition = Type.Object(
+  {
+    key: Type.String(),
+    display_name: Type.String(),
+    script: Type.String(),
+    interval: Type.Integer({ minimum: 0 }),
+    timeout: Type.Integer({ minimum: 0 }),
+    display_order: Type.Integer(),
+  },
+  { description: 'A key an agent declares, as stored.' },
+);
+
+/** An agent just created, with its token: shown once, only its SHA-256 is stored. */
+export const CreatedAgent = Type.Object(
+  {
+    id: Type.String({ format: 'uuid' }),
+    name: Type.String(),
+    token: Type.String({ description: 'The agent’s bearer token (`mbt_…`). Shown once: only its SHA-256 is stored.' }),
+  },
+  { description: 'A new agent and its token.' },
+);
+
+/** An agent as the list and show routes answer it. */
+export const AgentSummary = Type.Object(
+  {
+    id: Type.String({ format: 'uuid' }),
+    name: Type.String(),
+    created_at: Type.String({ format: 'date-time' }),
+    last_reported_at: Type.Union([Type.String({ format: 'date-time' }), Type.Null()], {
+      description: 'The newest collected_at of its keys; null while none was ever reported.',
+    }),
+    declared_keys: Type.Integer({ minimum: 0, description: 'How many keys it declares.' }),
+  },
+  { description: 'An agent, with when it last reported and how many keys it declares.' },
+);
+
+/** One agent's metadata in a bulk read or a many-agent watch event. */
+export const AgentMetadata = Type.Object(
+  {
+    agent_id: Type.String({ format: 'uuid' }),
+    metadata: MetadataList,
+  },
+  { description: 'One agent’s metadata list.' },
+);
+
+/** The schemas the document names under components/schemas (routes refer to them by `$ref`). */
+export const COMPONENTS: Readonly<Record<string, TSchema>> = {
+  ErrorBody,
+  Counts,
+  MetadataItem,
+  MetadataDefinition,
+  CreatedAgent,
+  AgentSummary,
+  AgentMetadata,
+};
+
+/** An answer with a JSON body, its own description, and headers if any. */
+export interface JsonAnswer<S extends TSchema> {
+  description: string;
+  content: { 'application/json': { schema: S } };
+  headers?: Record<string, TSchema>;
+}
+
+/**
+ * An answer: `json('The keys were queued.', Counts)`. The schema object stays
+ * the shared one, so a component is a `$ref` in the document.
+ */
+export function json<S extends TSchema>(
+  description: string,
+  schema: S,
+  headers?: Record<string, TSchema>,
+): JsonAnswer<S> {
+  return { description, content: { 'application/json': { schema } }, ...(headers ? { headers } : {}) };
+}
+
+/** The answer of a Server-Sent Events route (the handler takes the response over: this is for the document). */
+export function eventStream(description: string, events: string) {
+  return {
+    description,
+    content: { 'text/event-stream': { schema: Type.String({ description: events }) } },
+  };
+}
+
+export type ErrorStatus = 400 | 401 | 403 | 404 | 413 | 415 | 429 | 431 | 500 | 503;
+
+/**
+ * The error answers of a route, each `{"error": "<message>"}`, by status,
+ * with when each happens there: `errors({ 404: 'Unknown agent.', 431: HEADERS_TOO_LARGE })`.
+ */
+export function errors<const E extends Partial<Record<ErrorStatus, string>>>(
+  when: E,
+): { [S in keyof E]: JsonAnswer<typeof ErrorBody> } {
+  const answers: Partial<Record<string, JsonAnswer<typeof ErrorBody>>> = {};
+  for (const [status, description] of Object.entries(when)) {
+    if (description !== undefined) answers[status] = json(description, ErrorBody);
+  }
+  return answers as { [S in keyof E]: JsonAnswer<typeof ErrorBody> };
+}
+
+/**
+ * Who may call a route (`schema.security`): the names of the document's
+ * bearer schemes. A route without `security` takes no token.
+ */
+export const SECURITY = {
+  agent: [{ agentToken: [] }],
+  admin: [{ adminToken: [] }],
+  adminOrAgent: [{ adminToken: [] }, { agentToken: [] }],
+} as const;
+
+// When the common errors happen, for routes' `errors()`.
+export const HEADERS_TOO_LARGE =
+  'Headers over 16 KiB: `{"error": "Request Header Fields Too Large", …}`, from the HTTP server before any route.';
+export const SHUTTING_DOWN = 'Shutting down: `shutting down: retry against another replica or later`.';
+export const INTERNAL = 'An unexpected failure: `internal error` (the details are logged).';
+export const BAD_BODY =
+  'Malformed JSON, wrong types, a value out of its limits (the message names it, e.g. ' +
+  '`body/metadata must be array`), or `agentId` not a UUID.';
+export const TOO_LARGE = 'The body is over 1 MiB (answered from Content-Length before the body is read).';
+export const NOT_JSON = 'The body is not `application/json`.';
