@@ -65,8 +65,9 @@ function adminMatches(adminToken: string | undefined, token: string | undefined)
 
 /**
  * Sets the caller to the token's agent: 401 for an unknown token, 403 for
- * another agent's, 503 when the database cannot answer. Synchronous when the
- * token is cached, a promise when it must be looked up.
+ * another agent's than the route's `agentId` (a route without one checks
+ * what the agent may see itself), 503 when the database cannot answer.
+ * Synchronous when the token is cached, a promise when it must be looked up.
  */
 function asTokenAgent(
   request: FastifyRequest,
@@ -77,7 +78,7 @@ function asTokenAgent(
 ): void | Promise<void> {
   const accept = (owner: string | undefined): void => {
     if (owner === undefined) throw new HttpError(401, unknown);
-    if (owner !== agentId) throw new HttpError(403, 'this token belongs to another agent');
+    if (agentId !== undefined && owner !== agentId) throw new HttpError(403, 'this token belongs to another agent');
     request.caller = { kind: 'agent', agentId: owner };
   };
   const owner = auth.agentForToken(token);

@@ -2,6 +2,7 @@
 // means (503 for new requests; each plugin closes what it uses). It never
 // listens; `main` does.
 
+import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox';
 import Fastify, { LogController, type FastifyBaseLogger, type FastifyError, type FastifyInstance } from 'fastify';
 import type { Registry } from 'prom-client';
 import { adminOnly, adminOrAgent, agentOnly } from './access.js';
@@ -13,8 +14,12 @@ import { BODY_LIMIT_BYTES, DEFAULT_TIMEOUTS } from './limits.js';
 import type { Logger } from './logger.js';
 import { agentRoutes } from './routes/agents.js';
 import { healthRoutes, type Readiness } from './routes/health.js';
+import { fleetRoutes } from './routes/fleet.js';
 import { ingestRoutes, type MetadataSink } from './routes/ingest.js';
+import { lifecycleRoutes } from './routes/lifecycle.js';
+import { openapiRoutes } from './routes/openapi.js';
 import { readRoutes } from './routes/read.js';
+import { uiRoutes } from './routes/ui.js';
 import type { MetadataStore } from './store.js';
 import type { WatchHub } from './watch.js';
 
@@ -59,8 +64,10 @@ export function buildApp(deps: AppDependencies): FastifyInstance {
     // No child logger per request: nothing logs per request on the hot path.
     childLoggerFactory: (logger) => logger,
     // Types are checked, not coerced: a number where a string belongs is a 400.
-    ajv: { customOptions: { coerceTypes: false } },
-  });
+    // A body property a schema does not know is refused, not silently dropped
+    // (a misspelt `interval` must not pass for a default); query strings stay open.
+    ajv: { customOptions: { coerceTypes: false, removeAdditional: false } },
+  }).withTypeProvider<TypeBoxTypeProvider>();
   // JSON only: anything else is a 415.
   app.removeContentTypeParser('text/plain');
   app.decorateRequest('caller', undefined);
@@ -106,15 +113,27 @@ export function buildApp(deps: AppDependencies): FastifyInstance {
     done(new HttpError(503, 'shutting down: retry against another replica or later'));
   });
 
+  // Before the routes: the OpenAPI document (/openapi.json, /docs) is built from every route registered after it.
+  app.register(openapiRoutes);
   app.register(healthRoutes, { readiness: deps.readiness, registry: deps.registry, shuttingDown: () => closing });
   const clock = deps.clock ?? systemClock;
   app.register(ingestRoutes, { batcher: deps.batcher, authenticate: agentOnly(deps.auth), clock });
-  app.register(agentRoutes, { store: deps.store, agents: deps.agents, auth: deps.auth, authenticate: adminOnly(deps.adminToken) });
-  app.register(readRoutes, {
+  app.register(agentRoutes, {
     store: deps.store,
+    agents: deps.agents,
+    auth: deps.auth,
+    authenticate: adminOnly(deps.adminToken),
+  });
+  app.register(lifecycleRoutes, { agents: deps.agents, auth: deps.auth, authenticate: adminOnly(deps.adminToken) });
+  const adminOrAgentToken = adminOrAgent(deps.adminToken, deps.auth);
+  app.register(readRoutes, { store: deps.store, watchHub: deps.watchHub, authenticate: adminOrAgentToken, clock });
+  app.register(fleetRoutes, {
+    store: deps.store,
+    agents: deps.agents,
     watchHub: deps.watchHub,
-    authenticate: adminOrAgent(deps.adminToken, deps.auth),
+    authenticate: adminOrAgentToken,
     clock,
   });
+  app.register(uiRoutes, { adminEnabled: deps.adminToken !== undefined });
   return app;
 }

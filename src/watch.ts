@@ -334,7 +334,10 @@ export class WatchHub {
     }
     for (const [id, rows] of read.agents) {
       const watched = this.agents.get(id);
-      if (!watched || watched.dirty) continue;
+      if (!watched) continue;
+      // Sent even if a batch named the agent again while it was read (it stays
+      // dirty for the next tick): under a continuous stream of batches, waiting
+      // for a read with no batch in between would starve it.
       watched.rows = rows;
       fresh.add(id);
     }

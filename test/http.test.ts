@@ -352,6 +352,31 @@ describe('admin API', () => {
     expect(rows.cpu!.value).toBe('12%');
   });
 
+  it('refuses a property it does not know (a misspelt interval must not pass for the default) and changes nothing', async () => {
+    const h = await appHarness();
+    const { id } = await h.agent(['cpu']);
+    const misspelt = await h.app.inject({
+      method: 'PUT',
+      url: `/v1/agents/${id}/metadata-definitions`,
+      headers: { authorization: `Bearer ${ADMIN_TOKEN}` },
+      payload: { definitions: [{ key: 'cpu', intervall: 10 }] },
+    });
+    expect(misspelt.statusCode).toBe(400);
+    expect(misspelt.json().error).toMatch(/must NOT have additional properties/);
+    const created = await h.app.inject({
+      method: 'POST',
+      url: '/v1/agents',
+      headers: { authorization: `Bearer ${ADMIN_TOKEN}` },
+      payload: { name: 'x', token: 'mine' },
+    });
+    expect(created.statusCode).toBe(400);
+    const { rows } = await db.pool.query(
+      `SELECT key, interval FROM workspace_agent_metadata WHERE workspace_agent_id = $1`,
+      [id],
+    );
+    expect(rows).toEqual([{ key: 'cpu', interval: '0' }]);
+  });
+
   it('answers 404 for an unknown agent and 400 for a key declared twice', async () => {
     const h = await appHarness();
     const headers = { authorization: `Bearer ${ADMIN_TOKEN}` };
