@@ -2,6 +2,7 @@
 // it: the bulk read, the many-agent watch (GET and POST, all=true), the
 // agent lifecycle routes, and their answers and limits.
 
+import net from 'node:net';
 import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from 'vitest';
 import { provisionAgents } from '../src/provision.js';
 import { createTestDatabase, type TestDatabase } from './support/db.js';
@@ -242,6 +243,69 @@ describe('the many-agent watch', () => {
     // And within a second of the last change, the last value.
     await h.advance(1000);
     await vi.waitFor(() => expect(stream.events.at(-1)!.data.metadata![0]!.value).toBe('v20'));
+  });
+
+  it('re-reads every agent of the stream after the LISTEN connection is killed, and sends what changed meanwhile', async () => {
+    const a = await h.agent(['cpu']);
+    const b = await h.agent(['cpu']);
+    const stream = await open(`/v1/agents/metadata/watch?agent_id=${a.id}&agent_id=${b.id}`, { headers: admin });
+    await vi.waitFor(() => expect(stream.events).toHaveLength(2));
+    // Changes no NOTIFY announces, as if missed while disconnected.
+    await db.pool.query(
+      `UPDATE workspace_agent_metadata SET value = 'missed', collected_at = now() WHERE workspace_agent_id = ANY($1::uuid[])`,
+      [[a.id, b.id]],
+    );
+    const reconnects = await h.metric('metabatch_listener_reconnects_total');
+    await db.pool.query(
+      `SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'metabatch-listener' AND datname = current_database()`,
+    );
+    await vi.waitFor(async () => expect(await h.metric('metabatch_listener_reconnects_total')).toBe(reconnects + 1), {
+      timeout: 10_000,
+    });
+    await h.advance(1000);
+    await vi.waitFor(() =>
+      expect(
+        stream.events
+          .slice(2)
+          .filter((e) => e.data.metadata?.[0]?.value === 'missed')
+          .map((e) => e.data.agent_id)
+          .sort(),
+      ).toEqual([a.id, b.id].sort()),
+    );
+  });
+
+  it('holds at most one event per agent for a client that stops reading, dropping and counting the rest', async () => {
+    const keys = Array.from({ length: 20 }, (_, i) => `k${i}`);
+    const agents = await Promise.all(Array.from({ length: 10 }, () => h.agent(keys)));
+    for (const agent of agents) {
+      const metadata = keys.map((key) => ({ key, value: 'x'.repeat(2000) }));
+      expect((await h.post(agent.id, agent.token, { metadata })).statusCode).toBe(202);
+    }
+    await h.advance(200);
+    // A raw socket that sends the request and never reads.
+    const socket = net.connect(Number(new URL(h.base).port), '127.0.0.1');
+    await new Promise((resolve) => socket.once('connect', resolve));
+    socket.pause();
+    const body = JSON.stringify({ agent_ids: agents.map((a) => a.id) });
+    socket.write(
+      `POST /v1/agents/metadata/watch HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${ADMIN_TOKEN}\r\n` +
+        `Content-Type: application/json\r\nContent-Length: ${body.length}\r\n\r\n${body}`,
+    );
+    await vi.waitFor(async () => expect(await h.metric('metabatch_watchers')).toBe(1));
+    const dropped = await h.metric('metabatch_watch_events_dropped_total');
+    const sent = await h.metric('metabatch_watch_events_sent_total');
+    // 100 rounds of every agent (~40 kB each): ~40 MB if they were all buffered.
+    for (let round = 0; round < 100; round++) {
+      h.service.watchHub.onBatch(agents.map((a) => a.id));
+      await h.service.watchHub.tick();
+    }
+    await vi.waitFor(async () =>
+      expect(await h.metric('metabatch_watch_events_dropped_total')).toBeGreaterThan(dropped + 900),
+    );
+    // What was written went into the socket's buffers before it filled; the rest waits as one event per agent.
+    expect((await h.metric('metabatch_watch_events_sent_total')) - sent).toBeLessThan(100);
+    socket.destroy();
+    await vi.waitFor(async () => expect(await h.metric('metabatch_watchers')).toBe(0));
   });
 
   it('serves 1,000 streams with one LISTEN connection', async () => {
