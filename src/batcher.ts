@@ -56,6 +56,14 @@ export interface BatcherOptions {
   batchSize?: number;
   /** Timer flush period. Default `DEFAULTS.flushIntervalMs`. */
   flushIntervalMs?: number;
+  /**
+   * The period varies by ± this fraction, and the first tick comes at a
+   * random point of the first period. Default `DEFAULTS.flushJitter`; 0 is
+   * the original's fixed schedule.
+   */
+  flushJitter?: number;
+  /** Randomness in [0, 1) for the jitter; injectable for tests. Default Math.random. */
+  random?: () => number;
   /** Channel capacity = batchSize * channelMultiplier. Default `DEFAULTS.channelMultiplier`. */
   channelMultiplier?: number;
   /** Bound on the flush at shutdown, retries included. Default `DEFAULTS.finalFlushTimeoutMs`. */
@@ -124,6 +132,7 @@ const NOTIFY_QUEUE_FULL = '54000';
 export class Batcher {
   readonly batchSize: number;
   readonly flushIntervalMs: number;
+  readonly flushJitter: number;
   readonly finalFlushTimeoutMs: number;
   readonly maxHeldKeys: number;
 
@@ -137,6 +146,9 @@ export class Batcher {
   private readonly flushBackoff: Backoff;
   private readonly publishBackoff: Backoff;
   private readonly pendingAnnounce = new Set<string>();
+  private readonly random: () => number;
+  /** No flush period has been armed yet: the first starts at a random point (with jitter). */
+  private firstPeriod = true;
 
   private mode: Mode = Mode.idle;
   /** The flush in flight (flushing, then announcing), until it has left those modes. */
@@ -157,6 +169,8 @@ export class Batcher {
     this.clock = options.clock ?? systemClock;
     this.batchSize = options.batchSize ?? DEFAULTS.batchSize;
     this.flushIntervalMs = options.flushIntervalMs ?? DEFAULTS.flushIntervalMs;
+    this.flushJitter = options.flushJitter ?? DEFAULTS.flushJitter;
+    this.random = options.random ?? Math.random;
     this.finalFlushTimeoutMs = options.finalFlushTimeoutMs ?? DEFAULTS.finalFlushTimeoutMs;
     this.channel = new BoundedChannel(this.batchSize * (options.channelMultiplier ?? DEFAULTS.channelMultiplier));
     this.maxHeldKeys = options.maxHeldKeys ?? this.batchSize * DEFAULTS.heldKeysPerBatch;
@@ -330,7 +344,7 @@ export class Batcher {
     switch (next) {
       case Mode.idle:
         if (this.closing) return this.closeOrFlush();
-        this.timer = this.clock.setTimeout(() => this.onTimer(), this.timerDelay(this.flushIntervalMs));
+        this.timer = this.clock.setTimeout(() => this.onTimer(), this.timerDelay(this.flushPeriod()));
         this.drain(); // what waited in the channel during the flush
         return;
       case Mode.flushing:
@@ -405,6 +419,18 @@ export class Batcher {
   /** FINAL_FLUSH_TIMEOUT_MS passed: close now, with whatever is still held. */
   private onDeadline(): void {
     if (this.mode !== Mode.closed) this.to(Mode.closed);
+  }
+
+  /**
+   * The next flush period: FLUSH_INTERVAL_MS ± the jitter, the first one
+   * cut at a random point, so that replicas started together spread out.
+   */
+  private flushPeriod(): number {
+    if (this.flushJitter === 0) return this.flushIntervalMs;
+    const period = this.flushIntervalMs * (1 + this.flushJitter * (2 * this.random() - 1));
+    const first = this.firstPeriod;
+    this.firstPeriod = false;
+    return Math.max(1, Math.round(first ? period * this.random() : period));
   }
 
   /** The timer of idle: the flush interval, or sooner when a failed NOTIFY awaits its retry. */

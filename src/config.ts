@@ -14,6 +14,11 @@ export const DEFAULTS = {
   batchSize: 500,
   // The original's: 5 s balances database load against how fresh a UI is.
   flushIntervalMs: 5000,
+  // Each replica's flush period varies by ±10 %, and its first flush comes at
+  // a random point of the first period, so that replicas started together do
+  // not hit Postgres in lockstep (as Telegraf's flush_jitter). 0: the
+  // original's fixed schedule.
+  flushJitter: 0.1,
   // The original's: 5x the batch gives headroom for bursts while a batch is
   // being flushed (the channel is where reports wait meanwhile).
   channelMultiplier: 5,
@@ -47,6 +52,10 @@ export interface Config {
   /** Unique (agent, key) entries that force a flush. */
   batchSize: number;
   flushIntervalMs: number;
+  /** The flush period varies by ± this fraction (0 to 0.5). */
+  flushJitter: number;
+  /** Connections of the pool at most (each replica also holds one LISTEN connection). */
+  poolSize: number;
   /** Channel capacity is batchSize * channelMultiplier. */
   channelMultiplier: number;
   finalFlushTimeoutMs: number;
@@ -71,6 +80,16 @@ function integer(env: Env, name: string, fallback: number, min: number, max: num
   const value = Number(raw.trim());
   if (!/^\s*\d+\s*$/.test(raw) || !Number.isSafeInteger(value) || value < min || value > max) {
     throw new ConfigError(`${name} must be a whole number from ${min} to ${max} (got ${JSON.stringify(raw)})`);
+  }
+  return value;
+}
+
+function fraction(env: Env, name: string, fallback: number, min: number, max: number): number {
+  const raw = env[name];
+  if (raw === undefined || raw === '') return fallback;
+  const value = Number(raw.trim());
+  if (!/^\s*\d+(\.\d+)?\s*$/.test(raw) || value < min || value > max) {
+    throw new ConfigError(`${name} must be a number from ${min} to ${max} (got ${JSON.stringify(raw)})`);
   }
   return value;
 }
@@ -111,6 +130,8 @@ export function loadConfig(env: Env = process.env): Config {
     port: integer(env, 'PORT', DEFAULTS.port, 0, 65535),
     batchSize,
     flushIntervalMs: integer(env, 'FLUSH_INTERVAL_MS', DEFAULTS.flushIntervalMs, 1, 3_600_000),
+    flushJitter: fraction(env, 'FLUSH_JITTER', DEFAULTS.flushJitter, 0, 0.5),
+    poolSize: integer(env, 'PG_POOL_SIZE', DEFAULTS.poolSize, 1, 1000),
     channelMultiplier,
     finalFlushTimeoutMs: integer(env, 'FINAL_FLUSH_TIMEOUT_MS', DEFAULTS.finalFlushTimeoutMs, 1, 3_600_000),
     maxHeldKeys: integer(env, 'MAX_HELD_KEYS', batchSize * DEFAULTS.heldKeysPerBatch, batchSize, 100_000_000),

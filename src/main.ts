@@ -62,7 +62,7 @@ export async function startService(config: Config, log: Logger, options: Service
   try {
     const registry = new Registry();
     collectDefaultMetrics({ register: registry, prefix: 'metabatch_' });
-    const pool = createPool(database.url, log, { registry, asyncCommit: true });
+    const pool = createPool(database.url, log, { registry, asyncCommit: true, max: config.poolSize });
     opened.push(() => pool.end());
     await migrate(pool, log);
     // The store NOTIFYs in the flush's own statement: one round trip per batch.
@@ -83,6 +83,7 @@ export async function startService(config: Config, log: Logger, options: Service
       logger: log.child({ component: 'batcher' }),
       batchSize: config.batchSize,
       flushIntervalMs: config.flushIntervalMs,
+      flushJitter: config.flushJitter,
       channelMultiplier: config.channelMultiplier,
       finalFlushTimeoutMs: config.finalFlushTimeoutMs,
       maxHeldKeys: config.maxHeldKeys,

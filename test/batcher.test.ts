@@ -273,6 +273,51 @@ describe('TestMetadataBatcher_ConcurrentAddsToSameAgent', () => {
   });
 });
 
+describe('flush jitter', () => {
+  it('starts at a random point of the first period, then varies each period by ±FLUSH_JITTER', async () => {
+    // The jitter's random draws, in order: the first period's length and where it is cut, then one per period.
+    const draws = [0.3, 0.5, 0.9, 0.1, 0.5];
+    const h = await harness({ flushJitter: 0.1, random: () => draws.shift()! });
+    const [agent] = await db.createAgents(1);
+    const flushTimes: number[] = [];
+    const start = h.clock.now;
+    for (let i = 0; i < 4; i++) {
+      h.batcher.add(agent!, ['key1'], [`v${i}`], [''], [new Date(h.clock.now)]);
+      const before = h.store.calls.length;
+      while (h.store.calls.length === before) await h.advance(100);
+      flushTimes.push(h.clock.now - start);
+    }
+    // 5000 × (1 + 0.1 × (2 × 0.3 − 1)) = 4800, cut at 0.5: the first flush at 2400;
+    // then 5000 × 1.08 = 5400, 5000 × 0.92 = 4600, 5000 × 1.0 = 5000 later.
+    expect(flushTimes).toEqual([2400, 2400 + 5400, 2400 + 5400 + 4600, 2400 + 5400 + 4600 + 5000]);
+  });
+
+  it('spreads the flushes of replicas started together (a seeded random source)', async () => {
+    const seeded = (seed: number) => () => {
+      // mulberry32: small, fast, and the same sequence for the same seed.
+      seed = (seed + 0x6d2b79f5) | 0;
+      let t = Math.imul(seed ^ (seed >>> 15), 1 | seed);
+      t = (t + Math.imul(t ^ (t >>> 7), 61 | t)) ^ t;
+      return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+    };
+    const replicas = await Promise.all([1, 2, 3].map((seed) => harness({ flushJitter: 0.1, random: seeded(seed) })));
+    const [agent] = await db.createAgents(1);
+    const firstFlush = await Promise.all(
+      replicas.map(async (h) => {
+        h.batcher.add(agent!, ['key1'], ['v'], [''], [new Date(h.clock.now)]);
+        const start = h.clock.now;
+        while (h.store.calls.length === 0) await h.advance(10);
+        return h.clock.now - start;
+      }),
+    );
+    // Every first flush within one period (4.5–5.5 s), and no two in the same 100 ms.
+    expect(firstFlush.every((t) => t > 0 && t <= 5500)).toBe(true);
+    const sorted = [...firstFlush].sort((a, b) => a - b);
+    expect(sorted[1]! - sorted[0]!).toBeGreaterThan(100);
+    expect(sorted[2]! - sorted[1]!).toBeGreaterThan(100);
+  });
+});
+
 describe('the Publisher path (library use)', () => {
   it('runs one flush at a time: reports added during a slow NOTIFY, then close(), and every acknowledged key is in the table', async () => {
     const h = await harness({ announce: 'publisher', batchSize: 2, backoff: { random: () => 1 } });

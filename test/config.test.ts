@@ -11,6 +11,8 @@ describe('configuration', () => {
       port: 8080,
       batchSize: 500,
       flushIntervalMs: 5000,
+      flushJitter: 0.1,
+      poolSize: 10,
       channelMultiplier: 5,
       finalFlushTimeoutMs: 15000,
       maxHeldKeys: 5000,
@@ -36,8 +38,17 @@ describe('configuration', () => {
     ['LOG_LEVEL', 'loud', 'LOG_LEVEL must be one of fatal, error, warn, info, debug, trace, silent (got "loud")'],
     ['DATABASE_URL', 'mysql://x', 'DATABASE_URL must be a postgres:// or postgresql:// URL'],
     ['ADMIN_TOKEN', 'short', 'ADMIN_TOKEN must be at least 16 characters'],
+    ['FLUSH_JITTER', '0.6', 'FLUSH_JITTER must be a number from 0 to 0.5 (got "0.6")'],
+    ['FLUSH_JITTER', '-0.1', 'FLUSH_JITTER must be a number from 0 to 0.5 (got "-0.1")'],
+    ['FLUSH_JITTER', 'some', 'FLUSH_JITTER must be a number from 0 to 0.5 (got "some")'],
+    ['PG_POOL_SIZE', '0', 'PG_POOL_SIZE must be a whole number from 1 to 1000 (got "0")'],
   ])('refuses %s=%s with one line naming it', (name, value, message) => {
     expect(() => loadConfig({ [name]: value })).toThrow(message);
+  });
+
+  it('takes FLUSH_JITTER as a fraction and PG_POOL_SIZE as a count', () => {
+    expect(loadConfig({ FLUSH_JITTER: '0.25', PG_POOL_SIZE: '4' })).toMatchObject({ flushJitter: 0.25, poolSize: 4 });
+    expect(loadConfig({ FLUSH_JITTER: '0' }).flushJitter).toBe(0);
   });
 
   it('refuses MAX_HELD_KEYS below BATCH_SIZE', () => {

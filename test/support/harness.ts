@@ -100,6 +100,8 @@ export async function createHarness(
     metrics: new BatcherMetrics(registry),
     logger: createLogger('silent'),
     clock,
+    // The original's fixed schedule, unless a test asks for jitter.
+    flushJitter: 0,
     ...batcherOptions,
   });
   return {

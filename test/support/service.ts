@@ -56,6 +56,8 @@ export async function startTestService(db: TestDatabase, options: ServiceHarness
     HOST: '127.0.0.1',
     PORT: '0',
     ADMIN_TOKEN,
+    // The original's fixed flush schedule, so that advancing FLUSH_INTERVAL_MS flushes.
+    FLUSH_JITTER: '0',
   };
   for (const [name, value] of Object.entries(options.env ?? {})) env[name] = value ?? undefined;
   const clock = FakeTimers.createClock(options.startAt ?? Date.now());
