@@ -8,8 +8,9 @@ import { encodeAgentId, MAX_AGENT_IDS_PER_CHUNK } from './agentIdChunks.js';
 import type { MetadataBatch, MetadataWriter, UpdateResult } from './batcher.js';
 
 /**
- * The flush: one UPDATE from the batch's parallel arrays, which never moves a
- * row back in time (an older collected_at loses; a tie, a retried batch, wins).
+ * The guarded UPDATE alone: never moves a row back in time (an older
+ * collected_at loses; a tie, a retried batch, wins). The benchmark's bare
+ * baseline; the flush below adds the locking order and RETURNING.
  */
 export const guardedUpdate = `
 UPDATE workspace_agent_metadata AS wam
@@ -20,18 +21,41 @@ WHERE wam.workspace_agent_id = m.workspace_agent_id
   AND wam.key = m.key
   AND wam.collected_at <= m.collected_at`;
 
+// The flush's rows, and their row locks taken first in one global order,
+// (agent id, key): two replicas flushing overlapping rows then wait for each
+// other instead of deadlocking, whatever order each batch and each plan
+// would have visited them in. (The UPDATE finds the rows locked already.)
+const lockedBatch = `
+m AS (
+  SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::timestamptz[])
+    AS m(workspace_agent_id, key, value, error, collected_at)
+), locked AS (
+  SELECT wam.workspace_agent_id, wam.key
+  FROM workspace_agent_metadata AS wam JOIN m USING (workspace_agent_id, key)
+  ORDER BY wam.workspace_agent_id, wam.key
+  FOR UPDATE OF wam
+), updated AS (
+  UPDATE workspace_agent_metadata AS wam
+  SET value = m.value, error = m.error, collected_at = m.collected_at
+  FROM m JOIN locked USING (workspace_agent_id, key)
+  WHERE wam.workspace_agent_id = m.workspace_agent_id
+    AND wam.key = m.key
+    AND wam.collected_at <= m.collected_at
+  RETURNING wam.workspace_agent_id
+)`;
+
 // Written rows grouped per agent: the statement returns one row per changed
 // agent instead of one per entry.
 export const updateMetadataReturningAgents = `
-WITH updated AS (${guardedUpdate} RETURNING wam.workspace_agent_id)
+WITH ${lockedBatch}
 SELECT workspace_agent_id::text AS agent_id, count(*)::int AS written FROM updated GROUP BY 1`;
 
-// The same UPDATE that also announces the changed agents, in the original's
+// The same flush that also announces the changed agents, in the original's
 // payload format (22-character unpadded base64 per id, at most 363 per
 // payload), built in SQL: one statement, one round trip per flush, and the
 // NOTIFYs are delivered exactly when the UPDATE commits.
 const updateMetadataAndNotify = `
-WITH updated AS (${guardedUpdate} RETURNING wam.workspace_agent_id), changed AS (
+WITH ${lockedBatch}, changed AS (
   SELECT workspace_agent_id AS id, count(*)::int AS written FROM updated GROUP BY 1
 ), payloads AS (
   SELECT string_agg(rtrim(encode(uuid_send(id), 'base64'), '='), '') AS payload

@@ -6,9 +6,11 @@
 import fc from 'fast-check';
 import { describe, expect, it, vi } from 'vitest';
 import { closedAfterEach, testDatabase } from './support/db.js';
+import type { MetadataBatch } from '../src/batch.js';
 import { createLogger } from '../src/logger.js';
+import { MetadataStore } from '../src/store.js';
 import { failUpdates } from './support/faults.js';
-import { createHarness, rowsOf } from './support/harness.js';
+import { CHANNEL, createHarness, rowsOf } from './support/harness.js';
 
 const db = testDatabase();
 const harness = closedAfterEach((options: Parameters<typeof createHarness>[1] = {}) => createHarness(db, options));
@@ -521,6 +523,46 @@ describe('beyond the original', () => {
     expect(sorted(h.payloads[0]!)).toEqual(sorted([marked!, other!]));
     expect(await h.metric('metabatch_metadata_flushed_total')).toBe(2);
     expect(h.batcher.flushesFailing).toBe(false);
+  });
+
+  it('never deadlocks with another replica flushing the same rows in the opposite order', async () => {
+    const keys = Array.from({ length: 10 }, (_, i) => `k${i}`);
+    const agents = await db.createAgents(50, keys);
+    const store = new MetadataStore(db.pool, { notifyChannel: CHANNEL });
+    const batchOf = (reversed: boolean, value: string, at: Date) => {
+      const batch: MetadataBatch = { agentIds: [], keys: [], values: [], errors: [], collectedAts: [] };
+      for (const agent of reversed ? [...agents].reverse() : agents) {
+        for (const key of reversed ? [...keys].reverse() : keys) {
+          batch.agentIds.push(agent);
+          batch.keys.push(key);
+          batch.values.push(value);
+          batch.errors.push('');
+          batch.collectedAts.push(at);
+        }
+      }
+      return batch;
+    };
+    const deadlocks = async () =>
+      (
+        await db.pool.query<{ n: string }>(
+          `SELECT deadlocks AS n FROM pg_stat_database WHERE datname = current_database()`,
+        )
+      ).rows[0]!.n;
+    const before = await deadlocks();
+    // Four flushes at a time, two in each order, twenty times: without one
+    // locking order this deadlocks in about a third of the flushes.
+    for (let round = 0; round < 20; round++) {
+      const at = new Date(Date.parse('2026-11-23T00:00:00Z') + round);
+      const results = await Promise.allSettled(
+        [false, true, false, true].map((reversed, i) => store.updateMetadata(batchOf(reversed, `r${round}-${i}`, at))),
+      );
+      expect(
+        results.filter((r) => r.status === 'rejected').map((r) => String((r as PromiseRejectedResult).reason)),
+      ).toEqual([]);
+    }
+    // Postgres publishes a backend's counters when it goes idle.
+    await new Promise((resolve) => setTimeout(resolve, 100));
+    expect(await deadlocks()).toBe(before);
   });
 
   it('never moves a row back in time, and announces only agents whose rows changed', async () => {
