@@ -16,6 +16,7 @@
 
 import type { Logger } from 'pino';
 import { Backoff, type BackoffOptions } from './backoff.js';
+import { uncounted, type BackgroundRunner } from './background.js';
 import { emptyBatch, PendingBatch, type MetadataBatch, type Update } from './batch.js';
 import { BoundedChannel } from './channel.js';
 import { systemClock, type Clock } from './clock.js';
@@ -64,6 +65,8 @@ export interface BatcherOptions {
   flushJitter?: number;
   /** Randomness in [0, 1) for the jitter; injectable for tests. Default Math.random. */
   random?: () => number;
+  /** Counts each flush as the background process `metadata_flush` (background.ts). Default: not counted. */
+  background?: BackgroundRunner;
   /** Channel capacity = batchSize * channelMultiplier. Default `DEFAULTS.channelMultiplier`. */
   channelMultiplier?: number;
   /** Bound on the flush at shutdown, retries included. Default `DEFAULTS.finalFlushTimeoutMs`. */
@@ -147,6 +150,7 @@ export class Batcher {
   private readonly publishBackoff: Backoff;
   private readonly pendingAnnounce = new Set<string>();
   private readonly random: () => number;
+  private readonly background: BackgroundRunner;
   /** No flush period has been armed yet: the first starts at a random point (with jitter). */
   private firstPeriod = true;
 
@@ -171,6 +175,7 @@ export class Batcher {
     this.flushIntervalMs = options.flushIntervalMs ?? DEFAULTS.flushIntervalMs;
     this.flushJitter = options.flushJitter ?? DEFAULTS.flushJitter;
     this.random = options.random ?? Math.random;
+    this.background = options.background ?? uncounted;
     this.finalFlushTimeoutMs = options.finalFlushTimeoutMs ?? DEFAULTS.finalFlushTimeoutMs;
     this.channel = new BoundedChannel(this.batchSize * (options.channelMultiplier ?? DEFAULTS.channelMultiplier));
     this.maxHeldKeys = options.maxHeldKeys ?? this.batchSize * DEFAULTS.heldKeysPerBatch;
@@ -443,7 +448,8 @@ export class Batcher {
     this.drainScheduled = true;
     queueMicrotask(() => {
       this.drainScheduled = false;
-      this.drain();
+      // Merging is the flush loop's work.
+      this.background.cpu('metadata_flush', () => this.drain());
     });
   }
 
@@ -482,7 +488,7 @@ export class Batcher {
   private async runCycle(reason: FlushReason): Promise<void> {
     let written = false;
     try {
-      written = await this.flush(reason);
+      written = await this.background.run('metadata_flush', () => this.flush(reason));
     } catch (err) {
       // flush() handles its own failures; this is a bug's last line of defence.
       this.log.error({ err, reason }, 'unexpected error in the flush; the batch is kept');
@@ -499,7 +505,9 @@ export class Batcher {
     const start = this.clock.Date.now();
     let changed: readonly string[] = [];
     if (count > 0) {
-      const batch = this.batch.toArrays((keys) => this.metrics.batchUtilization.observe(keys));
+      const batch = this.background.cpu('metadata_flush', () =>
+        this.batch.toArrays((keys) => this.metrics.batchUtilization.observe(keys)),
+      );
       this.log.debug({ reason, count }, 'flushing metadata batch');
       let result: UpdateResult;
       try {

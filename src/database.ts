@@ -8,6 +8,7 @@ import pg from 'pg';
 import type { Logger } from 'pino';
 import Postgrator from 'postgrator';
 import { Counter, type Registry } from 'prom-client';
+import type { DatabaseTimeObserver } from './background.js';
 import { DEFAULTS } from './config.js';
 import { EmbeddedPostgres } from './embedded.js';
 
@@ -105,6 +106,8 @@ export interface PoolOptions {
    * for an fsync. The service sets it; see README "Guarantees".
    */
   asyncCommit?: boolean;
+  /** Attributes query and connection-wait time to the background process running (background.ts). */
+  background?: DatabaseTimeObserver;
 }
 
 export function createPool(databaseUrl: string, log: Logger, options: PoolOptions = {}): pg.Pool {
@@ -119,21 +122,70 @@ export function createPool(databaseUrl: string, log: Logger, options: PoolOption
   // An idle client whose backend dies (failover, pg_terminate_backend) emits
   // here; unhandled, it would crash the process.
   pool.on('error', (err) => log.warn({ err }, 'idle database connection lost'));
-  if (options.registry) {
-    const statements = new Counter({
+  instrument(pool, options);
+  return pool;
+}
+
+/**
+ * Counts every statement (metabatch_database_statements_total), and the time
+ * a background process spends in queries and waiting for a connection.
+ */
+function instrument(pool: pg.Pool, { registry, background }: PoolOptions): void {
+  if (!registry && !background) return;
+  const statements =
+    registry &&
+    new Counter({
       name: 'metabatch_database_statements_total',
       help: 'SQL statements sent to Postgres by the connection pool.',
-      registers: [options.registry],
+      registers: [registry],
     });
-    pool.on('connect', (client) => {
-      const query = client.query.bind(client) as (...args: unknown[]) => unknown;
-      client.query = ((...args: unknown[]) => {
-        statements.inc();
+  pool.on('connect', (client) => {
+    const query = client.query.bind(client) as (...args: unknown[]) => unknown;
+    client.query = ((...args: unknown[]) => {
+      statements?.inc();
+      const name = background?.current();
+      if (!background || !name) return query(...args);
+      const done = since((seconds) => background.queryDone(name, seconds));
+      const callback = args.at(-1);
+      if (typeof callback === 'function') {
+        args[args.length - 1] = (...results: unknown[]) => {
+          done();
+          (callback as (...results: unknown[]) => void)(...results);
+        };
         return query(...args);
-      }) as typeof client.query;
-    });
-  }
-  return pool;
+      }
+      const result = query(...args) as Promise<unknown> | undefined;
+      result?.then(done, done);
+      return result;
+    }) as typeof client.query;
+  });
+  if (!background) return;
+  // pool.query connects through this too (pg-pool calls this.connect).
+  const connect = pool.connect.bind(pool) as (callback?: (...args: unknown[]) => void) => Promise<unknown> | undefined;
+  pool.connect = ((callback?: (...args: unknown[]) => void) => {
+    const name = background.current();
+    if (!name) return connect(callback);
+    const waited = since((seconds) => background.connectionWaited(name, seconds));
+    if (callback) {
+      return connect((...args) => {
+        waited();
+        callback(...args);
+      });
+    }
+    return connect()!.then(
+      (client) => (waited(), client),
+      (err: unknown) => {
+        waited();
+        throw err;
+      },
+    );
+  }) as typeof pool.connect;
+}
+
+/** A function that, called later, reports the seconds since now. */
+function since(report: (seconds: number) => void): () => void {
+  const start = performance.now();
+  return () => report((performance.now() - start) / 1000);
 }
 
 /** Applies every pending migration of sql/; returns the names applied. */

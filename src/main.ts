@@ -8,6 +8,7 @@ import type { FastifyInstance } from 'fastify';
 import { collectDefaultMetrics, Registry } from 'prom-client';
 import { buildApp } from './app.js';
 import { AgentAuthenticator } from './auth.js';
+import { BackgroundProcesses } from './background.js';
 import { Batcher } from './batcher.js';
 import { decodeAgentIdChunk } from './agentIdChunks.js';
 import { AgentStore } from './agentStore.js';
@@ -19,7 +20,7 @@ import { DatabaseHealth } from './health.js';
 import { listen } from './listener.js';
 import type { DEFAULT_TIMEOUTS } from './limits.js';
 import type { Logger } from './logger.js';
-import { BatcherMetrics, registerDatabaseUp, WatchMetrics } from './metrics.js';
+import { BatcherMetrics, registerDatabaseUp, registerReady, WatchMetrics } from './metrics.js';
 import { replaySpills, Spill } from './spill.js';
 import { MetadataStore } from './store.js';
 import { WatchHub } from './watch.js';
@@ -62,14 +63,15 @@ export async function startService(config: Config, log: Logger, options: Service
   try {
     const registry = new Registry();
     collectDefaultMetrics({ register: registry, prefix: 'metabatch_' });
-    const pool = createPool(database.url, log, { registry, asyncCommit: true, max: config.poolSize });
+    const background = new BackgroundProcesses(registry);
+    const pool = createPool(database.url, log, { registry, background, asyncCommit: true, max: config.poolSize });
     opened.push(() => pool.end());
-    await migrate(pool, log);
+    await background.run('migrate', () => migrate(pool, log));
     // The store NOTIFYs in the flush's own statement: one round trip per batch.
     const store = new MetadataStore(pool, { notifyChannel: config.notifyChannel });
 
     const spill = new Spill(config.dataDir);
-    const replayed = await replaySpills(config.dataDir, store);
+    const replayed = await background.run('spill_replay', () => replaySpills(config.dataDir, store));
     if (replayed.files.length > 0) {
       log.info(
         { entries: replayed.entries, files: replayed.files },
@@ -87,6 +89,7 @@ export async function startService(config: Config, log: Logger, options: Service
       channelMultiplier: config.channelMultiplier,
       finalFlushTimeoutMs: config.finalFlushTimeoutMs,
       maxHeldKeys: config.maxHeldKeys,
+      background,
       ...(clock ? { clock } : {}),
     });
     opened.push(() => void batcher.abandon());
@@ -99,6 +102,8 @@ export async function startService(config: Config, log: Logger, options: Service
     });
     opened.push(() => health.close());
     registerDatabaseUp(registry, () => health.up);
+    let stopping: Promise<StopResult> | undefined;
+    registerReady(registry, () => stopping === undefined && health.up && !batcher.flushesFailing);
 
     const agents = new AgentStore(pool);
     const auth = new AgentAuthenticator(agents);
@@ -107,6 +112,7 @@ export async function startService(config: Config, log: Logger, options: Service
       source: store,
       metrics: watchMetrics,
       logger: log.child({ component: 'watch' }),
+      background,
       ...(clock ? { clock } : {}),
     });
     opened.push(() => watchHub.close());
@@ -134,12 +140,13 @@ export async function startService(config: Config, log: Logger, options: Service
           if (message) watchMetrics.controlMessagesTotal.inc({ type: message.type });
         },
       },
-      onResync: () => {
-        watchMetrics.listenerReconnectsTotal.inc();
-        listenerLog.info('LISTEN connection re-established; re-reading watched agents, forgetting cached tokens');
-        watchHub.resync();
-        auth.clear();
-      },
+      onResync: () =>
+        void background.run('listener_resync', async () => {
+          watchMetrics.listenerReconnectsTotal.inc();
+          listenerLog.info('LISTEN connection re-established; re-reading watched agents, forgetting cached tokens');
+          watchHub.resync();
+          auth.clear();
+        }),
       onError: (err) => listenerLog.warn({ err }, 'LISTEN connection problem; reconnecting'),
     });
     opened.push(() => listener.close());
@@ -164,7 +171,6 @@ export async function startService(config: Config, log: Logger, options: Service
       `metabatch listening on ${address}`,
     );
 
-    let stopping: Promise<StopResult> | undefined;
     const stop = () =>
       (stopping ??= (async () => {
         log.info('shutting down: no new requests, flushing what is held');

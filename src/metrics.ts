@@ -162,6 +162,18 @@ export function registerDatabaseUp(registry: Registry, up: () => boolean): void 
   });
 }
 
+/** `metabatch_ready`: what /readyz answers, from what the service last knew (it does not ping). */
+export function registerReady(registry: Registry, ready: () => boolean): void {
+  new Gauge({
+    name: 'metabatch_ready',
+    help: '1 while /readyz answers 200 (not shutting down, the database reachable, flushes succeeding), else 0.',
+    registers: [registry],
+    collect() {
+      this.set(ready() ? 1 : 0);
+    },
+  });
+}
+
 /** The listening side: the shared LISTEN connection and the SSE watchers it feeds. */
 export class WatchMetrics {
   readonly listenerBatchesTotal: Counter;

@@ -13,6 +13,7 @@
 // buffer is bounded by what it watches, never by time.
 
 import type { Logger } from 'pino';
+import { uncounted, type BackgroundRunner } from './background.js';
 import { systemClock, type Clock } from './clock.js';
 import type { WatchMetrics } from './metrics.js';
 import type { MetadataOfAgents, MetadataRow } from './store.js';
@@ -35,6 +36,8 @@ export interface WatchHubOptions {
   metrics: WatchMetrics;
   logger: Logger;
   clock?: Clock;
+  /** Counts each tick as the background process `watch_tick` (background.ts). Default: not counted. */
+  background?: BackgroundRunner;
 }
 
 /** One row as clients see it. */
@@ -162,6 +165,7 @@ export class WatchHub {
   private readonly metrics: WatchMetrics;
   private readonly log: Logger;
   private readonly clock: Clock;
+  private readonly background: BackgroundRunner;
   private readonly agents = new Map<string, Watched>();
   private readonly streams = new Set<WatchStream>();
   private timer: unknown;
@@ -173,6 +177,7 @@ export class WatchHub {
     this.metrics = options.metrics;
     this.log = options.logger;
     this.clock = options.clock ?? systemClock;
+    this.background = options.background ?? uncounted;
     this.metrics.bind({ streams: () => this.streams.size, agents: () => this.agents.size });
     this.schedule();
   }
@@ -295,22 +300,27 @@ export class WatchHub {
     this.ticking = true;
     try {
       const fresh = await this.readDirty();
-      const now = this.clock.Date.now();
-      for (const [id, watched] of this.agents) {
-        if (!watched.rows || !(fresh.has(id) || now - watched.lastSentAt >= RESEND_MS)) continue;
-        watched.lastSentAt = now;
-        const events: Partial<Record<WatchFormat, string>> = {};
-        for (const stream of watched.streams) {
-          if (!stream.open) continue;
-          const event = (events[stream.format] ??= dataEvent(stream.format, id, watched.rows, now));
-          stream.send(id, event);
-        }
-      }
-      for (const stream of this.streams) {
-        if (stream.open && now - stream.lastPingAt >= PING_MS) stream.ping(now);
-      }
+      this.background.cpu('watch_tick', () => this.send(fresh));
     } finally {
       this.ticking = false;
+    }
+  }
+
+  /** Sends what changed and what is due for a resend, and the pings that are due. */
+  private send(fresh: Set<string>): void {
+    const now = this.clock.Date.now();
+    for (const [id, watched] of this.agents) {
+      if (!watched.rows || !(fresh.has(id) || now - watched.lastSentAt >= RESEND_MS)) continue;
+      watched.lastSentAt = now;
+      const events: Partial<Record<WatchFormat, string>> = {};
+      for (const stream of watched.streams) {
+        if (!stream.open) continue;
+        const event = (events[stream.format] ??= dataEvent(stream.format, id, watched.rows, now));
+        stream.send(id, event);
+      }
+    }
+    for (const stream of this.streams) {
+      if (stream.open && now - stream.lastPingAt >= PING_MS) stream.ping(now);
     }
   }
 
@@ -378,7 +388,7 @@ export class WatchHub {
     this.timer = this.clock.setTimeout(() => {
       if (this.closed) return;
       this.schedule();
-      void this.tick();
+      void this.background.run('watch_tick', () => this.tick());
     }, TICK_MS);
   }
 }

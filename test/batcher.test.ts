@@ -556,9 +556,7 @@ describe('beyond the original', () => {
       const results = await Promise.allSettled(
         [false, true, false, true].map((reversed, i) => store.updateMetadata(batchOf(reversed, `r${round}-${i}`, at))),
       );
-      expect(
-        results.filter((r) => r.status === 'rejected').map((r) => String((r as PromiseRejectedResult).reason)),
-      ).toEqual([]);
+      expect(results.filter((r) => r.status === 'rejected').map((r) => String(r.reason))).toEqual([]);
     }
     // Postgres publishes a backend's counters when it goes idle.
     await new Promise((resolve) => setTimeout(resolve, 100));

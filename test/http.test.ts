@@ -566,6 +566,53 @@ describe('health and metrics', () => {
     expect(rows).toEqual([{ value: 'in flight' }]);
   });
 
+  it('counts a flush as the flush loop’s background process, and as no other’s', async () => {
+    const h = await appHarness();
+    const keys = Array.from({ length: 20 }, (_, i) => `k${i}`);
+    const agents = await Promise.all(Array.from({ length: 25 }, () => h.agent(keys)));
+    const names = ['metadata_flush', 'watch_tick', 'listener_resync', 'spill_replay', 'migrate'];
+    const read = async () => {
+      const costs: Record<string, { starts: number; db: number; wait: number; cpu: number }> = {};
+      for (const name of names) {
+        costs[name] = {
+          starts: await h.metric('metabatch_background_process_start_count', { name }),
+          db: await h.metric('metabatch_background_process_db_duration_seconds', { name }),
+          wait: await h.metric('metabatch_background_process_db_wait_seconds', { name }),
+          cpu: await h.metric('metabatch_background_process_cpu_seconds_total', { name }),
+        };
+      }
+      return costs;
+    };
+    // Start-up migrated and looked for spill files, once each.
+    const before = await read();
+    expect([before.migrate!.starts, before.spill_replay!.starts]).toEqual([1, 1]);
+    for (const agent of agents) {
+      const metadata = keys.map((key) => ({ key, value: 'x'.repeat(100) }));
+      expect((await h.post(agent.id, agent.token, { metadata })).statusCode).toBe(202);
+    }
+    await h.advance(5000);
+    const after = await read();
+    // 500 entries: one capacity flush, with its query, its wait for a connection, its merge and arrays.
+    expect(after.metadata_flush!.starts).toBe(before.metadata_flush!.starts + 1);
+    expect(after.metadata_flush!.db).toBeGreaterThan(before.metadata_flush!.db);
+    expect(after.metadata_flush!.wait).toBeGreaterThan(before.metadata_flush!.wait);
+    expect(after.metadata_flush!.cpu).toBeGreaterThan(before.metadata_flush!.cpu);
+    expect(await h.metric('metabatch_background_process_duration_seconds_count', { name: 'metadata_flush' })).toBe(
+      after.metadata_flush!.starts,
+    );
+    // The watch hub ticked on its own schedule, with nothing to read; the others did not run.
+    expect(after.watch_tick!.starts).toBeGreaterThan(before.watch_tick!.starts);
+    for (const name of names.filter((n) => n !== 'metadata_flush')) {
+      expect({ name, db: after[name]!.db, wait: after[name]!.wait }).toEqual({
+        name,
+        db: before[name]!.db,
+        wait: before[name]!.wait,
+      });
+    }
+    for (const name of ['listener_resync', 'spill_replay', 'migrate']) expect(after[name]).toEqual(before[name]);
+    expect(await h.metric('metabatch_background_process_in_flight_count', { name: 'metadata_flush' })).toBe(0);
+  });
+
   it('answers unknown routes with 404 and a JSON error', async () => {
     const h = await appHarness();
     const res = await h.app.inject({ url: '/nope' });
