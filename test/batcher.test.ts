@@ -11,6 +11,7 @@ import { createLogger } from '../src/logger.js';
 import { MetadataStore } from '../src/store.js';
 import { failUpdates } from './support/faults.js';
 import { CHANNEL, createHarness, rowsOf } from './support/harness.js';
+import { seededRandom } from './support/random.js';
 
 const db = testDatabase();
 const harness = closedAfterEach((options: Parameters<typeof createHarness>[1] = {}) => createHarness(db, options));
@@ -295,14 +296,9 @@ describe('flush jitter', () => {
   });
 
   it('spreads the flushes of replicas started together (a seeded random source)', async () => {
-    const seeded = (seed: number) => () => {
-      // mulberry32: small, fast, and the same sequence for the same seed.
-      seed = (seed + 0x6d2b79f5) | 0;
-      let t = Math.imul(seed ^ (seed >>> 15), 1 | seed);
-      t = (t + Math.imul(t ^ (t >>> 7), 61 | t)) ^ t;
-      return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-    };
-    const replicas = await Promise.all([1, 2, 3].map((seed) => harness({ flushJitter: 0.1, random: seeded(seed) })));
+    const replicas = await Promise.all(
+      [1, 2, 3].map((seed) => harness({ flushJitter: 0.1, random: seededRandom(seed) })),
+    );
     const [agent] = await db.createAgents(1);
     const firstFlush = await Promise.all(
       replicas.map(async (h) => {
