@@ -8,7 +8,8 @@ export interface MetadataBatch {
   keys: string[];
   values: string[];
   errors: string[];
-  collectedAts: Date[];
+  /** Microseconds since the epoch (timestamps.ts). */
+  collectedAtMicros: number[];
 }
 
 /** One report of one key, as it travels through the channel. */
@@ -17,7 +18,7 @@ export interface Update {
   key: string;
   value: string;
   error: string;
-  /** Epoch milliseconds. */
+  /** Microseconds since the epoch. */
   collectedAt: number;
 }
 
@@ -28,7 +29,7 @@ interface Held {
 }
 
 export function emptyBatch(): MetadataBatch {
-  return { agentIds: [], keys: [], values: [], errors: [], collectedAts: [] };
+  return { agentIds: [], keys: [], values: [], errors: [], collectedAtMicros: [] };
 }
 
 export class PendingBatch {
@@ -74,7 +75,7 @@ export class PendingBatch {
         batch.keys.push(key);
         batch.values.push(held.value);
         batch.errors.push(held.error);
-        batch.collectedAts.push(new Date(held.collectedAt));
+        batch.collectedAtMicros.push(held.collectedAt);
       }
     }
     return batch;

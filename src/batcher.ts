@@ -21,6 +21,7 @@ import { emptyBatch, PendingBatch, type MetadataBatch, type Update } from './bat
 import { BoundedChannel } from './channel.js';
 import { systemClock, type Clock } from './clock.js';
 import { DEFAULTS } from './config.js';
+import { dateToMicros } from './timestamps.js';
 import type { BatcherMetrics, FlushReason } from './metrics.js';
 
 export type { MetadataBatch } from './batch.js';
@@ -218,14 +219,15 @@ export class Batcher {
    * Queues updates for one agent. Never waits: an update that finds the
    * channel full, or that would add a new key while MAX_HELD_KEYS are held
    * and flushes fail, is refused and counted. Throws on arrays of unequal
-   * length (nothing is queued) and once the batcher is closing.
+   * length (nothing is queued) and once the batcher is closing. Each
+   * collected_at is a Date, or a number of microseconds since the epoch.
    */
   add(
     agentId: string,
     keys: readonly string[],
     values: readonly string[],
     errors: readonly string[],
-    collectedAts: readonly Date[],
+    collectedAts: readonly (Date | number)[],
   ): AddResult {
     if (!(keys.length === values.length && values.length === errors.length && errors.length === collectedAts.length)) {
       throw new RangeError(
@@ -249,7 +251,7 @@ export class Batcher {
         key,
         value: values[i]!,
         error: errors[i]!,
-        collectedAt: collectedAts[i]!.getTime(),
+        collectedAt: micros(collectedAts[i]!),
       });
       if (!queued) channelFull++;
     }
@@ -608,6 +610,11 @@ export class Batcher {
       this.log.debug(fields, 'metadata updates refused');
     }
   }
+}
+
+/** A Date, or microseconds since the epoch already (what normalizeReport gives). */
+function micros(at: Date | number): number {
+  return typeof at === 'number' ? at : dateToMicros(at);
 }
 
 function assertNever(value: never): never {

@@ -4,6 +4,8 @@
 // nothing applied) instead of cut, and an agent's collected_at is kept
 // (clamped to server time) instead of replaced by it.
 
+import { parseRfc3339Micros } from './timestamps.js';
+
 export const MAX_VALUE_BYTES = 2048;
 export const MAX_ERROR_BYTES = MAX_VALUE_BYTES;
 // 6144 keeps the original's NOTIFY headroom; it also bounds a report to 6144 keys.
@@ -22,7 +24,8 @@ export interface Report {
   keys: string[];
   values: string[];
   errors: string[];
-  collectedAts: Date[];
+  /** Microseconds since the epoch (timestamps.ts). */
+  collectedAtMicros: number[];
 }
 
 export class ReportError extends Error {
@@ -30,8 +33,6 @@ export class ReportError extends Error {
   readonly statusCode = 400;
 }
 
-// RFC 3339, as agents send it (Go's time.Time marshals to this).
-const RFC3339 = /^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$/;
 // A UTF-16 code unit is at most 3 UTF-8 bytes: shorter strings cannot be over the limit.
 const SAFE_LENGTH = Math.floor(MAX_VALUE_BYTES / 3);
 
@@ -39,8 +40,8 @@ const SAFE_LENGTH = Math.floor(MAX_VALUE_BYTES / 3);
  * Checks and normalises the items of one report. Throws ReportError (nothing
  * applied) on keys over the limits, NUL characters, or a bad collected_at.
  */
-export function normalizeReport(items: readonly ReportItem[], now: Date): Report {
-  const report: Report = { keys: [], values: [], errors: [], collectedAts: [] };
+export function normalizeReport(items: readonly ReportItem[], nowMicros: number): Report {
+  const report: Report = { keys: [], values: [], errors: [], collectedAtMicros: [] };
   let allKeysBytes = 0;
   for (let i = 0; i < items.length; i++) {
     const item = items[i]!;
@@ -71,19 +72,20 @@ export function normalizeReport(items: readonly ReportItem[], now: Date): Report
     report.keys.push(key);
     report.values.push(value);
     report.errors.push(error);
-    report.collectedAts.push(collectedAt(item.collected_at, now, i));
+    report.collectedAtMicros.push(collectedAt(item.collected_at, nowMicros, i));
   }
   return report;
 }
 
-function collectedAt(raw: string | undefined, now: Date, index: number): Date {
-  if (raw === undefined) return now;
-  const time = RFC3339.test(raw) ? Date.parse(raw) : Number.NaN;
-  if (Number.isNaN(time)) {
+function collectedAt(raw: string | undefined, nowMicros: number, index: number): number {
+  if (raw === undefined) return nowMicros;
+  // RFC 3339, as agents send it (Go's time.Time marshals to this), to the microsecond.
+  const micros = parseRfc3339Micros(raw);
+  if (micros === undefined) {
     throw new ReportError(`metadata[${index}].collected_at must be an RFC 3339 timestamp such as 2026-11-23T00:00:00Z`);
   }
   // An agent's clock ahead of ours would make its value unbeatable.
-  return time > now.getTime() ? now : new Date(time);
+  return Math.min(micros, nowMicros);
 }
 
 /** The longest prefix of `text` of at most `maxBytes` UTF-8 bytes that ends on a character boundary. */

@@ -12,6 +12,7 @@ import path from 'node:path';
 import { isUuid } from './agentIdChunks.js';
 import { emptyBatch, type MetadataBatch } from './batch.js';
 import type { MetadataWriter } from './batcher.js';
+import { microsToIso, parseRfc3339Micros } from './timestamps.js';
 
 // Every spill file's name: `unflushed-metadata.json` (older releases) or
 // `unflushed-metadata-<time>-<pid>-<random>.json`.
@@ -107,12 +108,13 @@ export async function replaySpills(
   store: MetadataWriter,
 ): Promise<{ files: string[]; entries: number }> {
   const files = await spillFiles(dataDir);
-  const newest = new Map<string, SpillEntry>();
+  const newest = new Map<string, SpillEntry & { micros: number }>();
   for (const file of files) {
     for (const entry of await readSpillFile(file)) {
       const id = `${entry.agent_id}\0${entry.key}`;
+      const micros = parseRfc3339Micros(entry.collected_at)!;
       const held = newest.get(id);
-      if (!held || Date.parse(entry.collected_at) >= Date.parse(held.collected_at)) newest.set(id, entry);
+      if (!held || micros >= held.micros) newest.set(id, { ...entry, micros });
     }
   }
   const entries = [...newest.values()];
@@ -123,7 +125,7 @@ export async function replaySpills(
       batch.keys.push(entry.key);
       batch.values.push(entry.value);
       batch.errors.push(entry.error);
-      batch.collectedAts.push(new Date(entry.collected_at));
+      batch.collectedAtMicros.push(entry.micros);
     }
     await store.updateMetadata(batch);
   }
@@ -151,7 +153,7 @@ async function readSpillFile(file: string): Promise<SpillEntry[]> {
         typeof e.value === 'string' &&
         typeof e.error === 'string' &&
         typeof e.collected_at === 'string' &&
-        !Number.isNaN(Date.parse(e.collected_at)),
+        parseRfc3339Micros(e.collected_at) !== undefined,
     );
   if (!valid)
     throw new SpillError(`cannot replay spill file ${file} (not a metabatch spill file of version 1): ${advice}`);
@@ -164,6 +166,6 @@ function toEntries(batch: MetadataBatch): SpillEntry[] {
     key,
     value: batch.values[i]!,
     error: batch.errors[i]!,
-    collected_at: batch.collectedAts[i]!.toISOString(),
+    collected_at: microsToIso(batch.collectedAtMicros[i]!),
   }));
 }

@@ -5,7 +5,19 @@
 
 import type { Pool, PoolClient } from 'pg';
 import { encodeAgentId, MAX_AGENT_IDS_PER_CHUNK } from './agentIdChunks.js';
+import { flushParameters, idKeyParameters } from './arrayLiterals.js';
 import type { MetadataBatch, MetadataWriter, UpdateResult } from './batcher.js';
+
+// The flush's rows from its five array parameters (arrayLiterals.ts), the
+// timestamps from epoch microseconds, exactly: whole seconds and the
+// remaining microseconds each fit a double.
+const batchRows = `
+m AS (
+  SELECT u.workspace_agent_id, u.key, u.value, u.error,
+         timestamptz 'epoch' + (u.us / 1000000) * interval '1 second' + (u.us % 1000000) * interval '1 microsecond'
+           AS collected_at
+  FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::bigint[]) AS u(workspace_agent_id, key, value, error, us)
+)`;
 
 /**
  * The guarded UPDATE alone: never moves a row back in time (an older
@@ -13,10 +25,10 @@ import type { MetadataBatch, MetadataWriter, UpdateResult } from './batcher.js';
  * baseline; the flush below adds the locking order and RETURNING.
  */
 export const guardedUpdate = `
+WITH ${batchRows}
 UPDATE workspace_agent_metadata AS wam
 SET value = m.value, error = m.error, collected_at = m.collected_at
-FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::timestamptz[])
-  AS m(workspace_agent_id, key, value, error, collected_at)
+FROM m
 WHERE wam.workspace_agent_id = m.workspace_agent_id
   AND wam.key = m.key
   AND wam.collected_at <= m.collected_at`;
@@ -26,10 +38,7 @@ WHERE wam.workspace_agent_id = m.workspace_agent_id
 // other instead of deadlocking, whatever order each batch and each plan
 // would have visited them in. (The UPDATE finds the rows locked already.)
 const lockedBatch = `
-m AS (
-  SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::timestamptz[])
-    AS m(workspace_agent_id, key, value, error, collected_at)
-), locked AS (
+${batchRows}, locked AS (
   SELECT wam.workspace_agent_id, wam.key
   FROM workspace_agent_metadata AS wam JOIN m USING (workspace_agent_id, key)
   ORDER BY wam.workspace_agent_id, wam.key
@@ -150,7 +159,7 @@ export class MetadataStore implements MetadataWriter {
   }
 
   async updateMetadata(batch: MetadataBatch): Promise<UpdateResult> {
-    const params: unknown[] = [batch.agentIds, batch.keys, batch.values, batch.errors, batch.collectedAts];
+    const params = await flushParameters(batch);
     const announce = this.notifyChannel !== undefined;
     if (announce) params.push(this.notifyChannel);
     const { rows } = await this.pool.query<{ agent_id: string; written: number; payloads?: number }>(
@@ -164,7 +173,7 @@ export class MetadataStore implements MetadataWriter {
     });
     let undeclared = 0;
     if (written < batch.keys.length) {
-      const result = await this.pool.query<{ undeclared: number }>(countUndeclared, [batch.agentIds, batch.keys]);
+      const result = await this.pool.query<{ undeclared: number }>(countUndeclared, idKeyParameters(batch));
       undeclared = result.rows[0]?.undeclared ?? 0;
     }
     const result: UpdateResult = { changedAgentIds, undeclared, stale: batch.keys.length - written - undeclared };

@@ -526,14 +526,14 @@ describe('beyond the original', () => {
     const agents = await db.createAgents(50, keys);
     const store = new MetadataStore(db.pool, { notifyChannel: CHANNEL });
     const batchOf = (reversed: boolean, value: string, at: Date) => {
-      const batch: MetadataBatch = { agentIds: [], keys: [], values: [], errors: [], collectedAts: [] };
+      const batch: MetadataBatch = { agentIds: [], keys: [], values: [], errors: [], collectedAtMicros: [] };
       for (const agent of reversed ? [...agents].reverse() : agents) {
         for (const key of reversed ? [...keys].reverse() : keys) {
           batch.agentIds.push(agent);
           batch.keys.push(key);
           batch.values.push(value);
           batch.errors.push('');
-          batch.collectedAts.push(at);
+          batch.collectedAtMicros.push(at.getTime() * 1000);
         }
       }
       return batch;

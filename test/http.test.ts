@@ -53,6 +53,69 @@ describe('POST /v1/agents/{id}/metadata', () => {
     expect(h.payloads).toEqual([[id], [id]]);
   });
 
+  it('keeps values byte for byte and collected_at to the microsecond, whatever its time zone', async () => {
+    const h = await appHarness();
+    const awkward = [
+      '',
+      ' ',
+      'a,b',
+      '{x}',
+      '"quoted"',
+      'back\\slash',
+      'NULL',
+      'null',
+      'ünïcødé ✓ 𝄞',
+      'tab\there',
+      "it's",
+    ];
+    const keys = awkward.map((_, i) => `k${i}`);
+    const { id, token } = await h.agent([...keys, 'tz1', 'tz2', 'tz3']);
+    const res = await h.post(id, token, {
+      metadata: [
+        ...awkward.map((value, i) => ({
+          key: `k${i}`,
+          value: `x${value}x`,
+          error: value,
+          collected_at: '2026-11-23T00:00:00Z',
+        })),
+        { key: 'tz1', value: 'a', collected_at: '2026-11-23T10:00:00.123456+02:00' },
+        { key: 'tz2', value: 'b', collected_at: '2026-11-22 23:30:00.000001-01:30' },
+        // Nanoseconds, as Go writes them: rounded to the microsecond, as Postgres rounds.
+        { key: 'tz3', value: 'c', collected_at: '2026-11-23T00:00:00.9999995Z' },
+      ],
+    });
+    expect(res.statusCode).toBe(202);
+    await h.advance(5000);
+    const { rows } = await db.pool.query<{ key: string; value: string; error: string; at: string }>(
+      `SELECT key, value, error, to_char(collected_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US') AS at
+       FROM workspace_agent_metadata WHERE workspace_agent_id = $1`,
+      [id],
+    );
+    const byKey = new Map(rows.map((r) => [r.key, r]));
+    awkward.forEach((value, i) =>
+      // Trimmed at both ends (the x's keep the inner whitespace), nothing else.
+      expect(byKey.get(`k${i}`)).toMatchObject({ value: `x${value}x`, error: value.trim() }),
+    );
+    expect(byKey.get('tz1')!.at).toBe('2026-11-23T08:00:00.123456');
+    expect(byKey.get('tz2')!.at).toBe('2026-11-23T01:00:00.000001');
+    expect(byKey.get('tz3')!.at).toBe('2026-11-23T00:00:01.000000');
+  });
+
+  it('answers 400 to a collected_at that is no date (February 30th, a 25th hour, no time zone)', async () => {
+    const h = await appHarness();
+    const { id, token } = await h.agent(['cpu']);
+    for (const collected_at of [
+      '2026-02-30T00:00:00Z',
+      '2026-11-23T24:00:00Z',
+      '2026-11-23T00:00:00',
+      '0000-01-01T00:00:00Z',
+    ]) {
+      const res = await h.post(id, token, { metadata: [{ key: 'cpu', value: '1', collected_at }] });
+      expect(res.statusCode, collected_at).toBe(400);
+      expect(res.json().error).toMatch(/collected_at must be an RFC 3339 timestamp/);
+    }
+  });
+
   it('clamps a collected_at in the future to server time', async () => {
     const h = await appHarness();
     const { id, token } = await h.agent(['cpu']);

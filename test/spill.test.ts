@@ -31,7 +31,7 @@ function batchOf(entries: [agentId: string, key: string, value: string, at: stri
     batch.keys.push(key);
     batch.values.push(value);
     batch.errors.push('');
-    batch.collectedAts.push(new Date(at));
+    batch.collectedAtMicros.push(Date.parse(at) * 1000);
   }
   return batch;
 }

@@ -12,6 +12,7 @@ import { AgentAuthenticator } from '../auth.js';
 import type { AddResult } from '../batcher.js';
 import { DEFAULT_NOTIFY_CHANNEL } from '../config.js';
 import { createPool } from '../database.js';
+import { microsToIso } from '../timestamps.js';
 import { createLogger } from '../logger.js';
 import { WatchMetrics } from '../metrics.js';
 import type { MetadataSink } from '../routes/ingest.js';
@@ -34,7 +35,8 @@ class NaiveSink implements MetadataSink {
   ) {}
 
   async add(...[agentId, keys, values, errors, collectedAts]: Parameters<MetadataSink['add']>): Promise<AddResult> {
-    await this.pool.query(updateOneAgent, [agentId, keys, values, errors, collectedAts]);
+    const times = collectedAts.map((at) => (typeof at === 'number' ? microsToIso(at) : at));
+    await this.pool.query(updateOneAgent, [agentId, keys, values, errors, times]);
     await this.pool.query(notifyOne, [this.channel, encodeAgentId(agentId)]);
     return { accepted: keys.length, dropped: 0 };
   }

@@ -117,10 +117,10 @@ export const ingestRoutes: FastifyPluginAsyncTypebox<{
     async (request, reply) => {
       const caller = request.caller;
       if (caller?.kind !== 'agent') throw new HttpError(401, 'invalid agent token');
-      const report = normalizeReport(request.body.metadata, new Date(clock.Date.now()));
+      const report = normalizeReport(request.body.metadata, clock.Date.now() * 1000);
       let result;
       try {
-        result = await batcher.add(caller.agentId, report.keys, report.values, report.errors, report.collectedAts);
+        result = await batcher.add(caller.agentId, report.keys, report.values, report.errors, report.collectedAtMicros);
       } catch (err) {
         if (err instanceof BatcherClosedError)
           throw new HttpError(503, 'shutting down: retry against another replica or later');

@@ -5,6 +5,7 @@ import { Registry } from 'prom-client';
 import { Batcher, type MetadataBatch, type UpdateResult } from '../../batcher.js';
 import { DEFAULT_NOTIFY_CHANNEL } from '../../config.js';
 import { BatcherMetrics } from '../../metrics.js';
+import { flushParameters } from '../../arrayLiterals.js';
 import { guardedUpdate, MetadataStore, updateMetadataReturningAgents } from '../../store.js';
 import { BATCH_SIZE, log, progress, type Context, type Scenario } from '../context.js';
 import { roundSummary } from '../figures.js';
@@ -23,15 +24,15 @@ async function measure(context: Context) {
   let clock = Date.now();
   const batchAt = (n: number) => {
     const first = (n * perBatch) % Math.max(1, agents.length - perBatch);
-    const batch: MetadataBatch = { agentIds: [], keys: [], values: [], errors: [], collectedAts: [] };
-    const at = new Date(++clock);
+    const batch: MetadataBatch = { agentIds: [], keys: [], values: [], errors: [], collectedAtMicros: [] };
+    const at = ++clock * 1000;
     for (const agent of agents.slice(first, first + perBatch)) {
       for (const key of keys) {
         batch.agentIds.push(agent.id);
         batch.keys.push(key);
         batch.values.push(`flush-${n}`);
         batch.errors.push('');
-        batch.collectedAts.push(at);
+        batch.collectedAtMicros.push(at);
       }
     }
     return batch;
@@ -81,7 +82,7 @@ async function measure(context: Context) {
             b.keys.slice(from, to),
             b.values.slice(from, to),
             b.errors.slice(from, to),
-            b.collectedAts.slice(from, to),
+            b.collectedAtMicros.slice(from, to),
           ] as const;
         }),
       );
@@ -94,13 +95,7 @@ async function measure(context: Context) {
           continue;
         }
         const s = performance.now();
-        await pool.query(mode === 'bare' ? guardedUpdate : updateMetadataReturningAgents, [
-          b.agentIds,
-          b.keys,
-          b.values,
-          b.errors,
-          b.collectedAts,
-        ]);
+        await pool.query(mode === 'bare' ? guardedUpdate : updateMetadataReturningAgents, await flushParameters(b));
         durations[mode].push(performance.now() - s);
       }
       spent[mode] += performance.now() - t0;
