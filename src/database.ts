@@ -117,7 +117,15 @@ export function createPool(databaseUrl: string, log: Logger, options: PoolOption
     connectionTimeoutMillis: CONNECT_TIMEOUT_MS,
     query_timeout: QUERY_TIMEOUT_MS,
     application_name: 'metabatch',
-    ...(options.asyncCommit ? { options: '-c synchronous_commit=off' } : {}),
+    options: [
+      // Every statement of metabatch looks rows up by key: nested loops over
+      // the primary key cost what the batch costs, whatever the table's
+      // size, and visit rows in the order given (the flush's locking order,
+      // store.ts). Hash joins, which the planner picked for large batches,
+      // read the whole table, so their cost grew with history.
+      '-c enable_hashjoin=off -c enable_mergejoin=off',
+      ...(options.asyncCommit ? ['-c synchronous_commit=off'] : []),
+    ].join(' '),
   });
   // An idle client whose backend dies (failover, pg_terminate_backend) emits
   // here; unhandled, it would crash the process.

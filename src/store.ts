@@ -9,23 +9,29 @@ import { flushParameters, idKeyParameters } from './arrayLiterals.js';
 import type { MetadataBatch, MetadataWriter, UpdateResult } from './batcher.js';
 
 // The flush's rows from its five array parameters (arrayLiterals.ts), the
-// timestamps from epoch microseconds, exactly: whole seconds and the
-// remaining microseconds each fit a double.
+// timestamps from epoch microseconds, exactly (whole seconds and the
+// remaining microseconds each fit a double), sorted by the primary key.
+// With the pool's planner settings (database.ts: no hash or merge joins) the
+// UPDATE looks each row up by the primary key in this order, so:
+// - its cost is the batch's, not the table's: a hash join over the whole
+//   table (what the planner picked for large batches) grew with history;
+// - it locks rows in one global order, (agent id, key): two replicas
+//   flushing overlapping rows wait for each other instead of deadlocking.
 const batchRows = `
-m AS (
+m AS MATERIALIZED (
   SELECT u.workspace_agent_id, u.key, u.value, u.error,
          timestamptz 'epoch' + (u.us / 1000000) * interval '1 second' + (u.us % 1000000) * interval '1 microsecond'
            AS collected_at
   FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::bigint[]) AS u(workspace_agent_id, key, value, error, us)
+  ORDER BY u.workspace_agent_id, u.key
 )`;
 
 /**
- * The guarded UPDATE alone: never moves a row back in time (an older
- * collected_at loses; a tie, a retried batch, wins). The benchmark's bare
- * baseline; the flush below adds the locking order and RETURNING.
+ * The guarded UPDATE: never moves a row back in time (an older collected_at
+ * loses; a tie, a retried batch, wins). Alone, it is the benchmark's bare
+ * baseline; the flush adds RETURNING and the NOTIFYs.
  */
-export const guardedUpdate = `
-WITH ${batchRows}
+const guardedUpdateOfBatch = `
 UPDATE workspace_agent_metadata AS wam
 SET value = m.value, error = m.error, collected_at = m.collected_at
 FROM m
@@ -33,30 +39,14 @@ WHERE wam.workspace_agent_id = m.workspace_agent_id
   AND wam.key = m.key
   AND wam.collected_at <= m.collected_at`;
 
-// The flush's rows, and their row locks taken first in one global order,
-// (agent id, key): two replicas flushing overlapping rows then wait for each
-// other instead of deadlocking, whatever order each batch and each plan
-// would have visited them in. (The UPDATE finds the rows locked already.)
-const lockedBatch = `
-${batchRows}, locked AS (
-  SELECT wam.workspace_agent_id, wam.key
-  FROM workspace_agent_metadata AS wam JOIN m USING (workspace_agent_id, key)
-  ORDER BY wam.workspace_agent_id, wam.key
-  FOR UPDATE OF wam
-), updated AS (
-  UPDATE workspace_agent_metadata AS wam
-  SET value = m.value, error = m.error, collected_at = m.collected_at
-  FROM m JOIN locked USING (workspace_agent_id, key)
-  WHERE wam.workspace_agent_id = m.workspace_agent_id
-    AND wam.key = m.key
-    AND wam.collected_at <= m.collected_at
-  RETURNING wam.workspace_agent_id
-)`;
+export const guardedUpdate = `WITH ${batchRows} ${guardedUpdateOfBatch}`;
+
+const flushedBatch = `${batchRows}, updated AS (${guardedUpdateOfBatch} RETURNING wam.workspace_agent_id)`;
 
 // Written rows grouped per agent: the statement returns one row per changed
 // agent instead of one per entry.
 export const updateMetadataReturningAgents = `
-WITH ${lockedBatch}
+WITH ${flushedBatch}
 SELECT workspace_agent_id::text AS agent_id, count(*)::int AS written FROM updated GROUP BY 1`;
 
 // The same flush that also announces the changed agents, in the original's
@@ -64,7 +54,7 @@ SELECT workspace_agent_id::text AS agent_id, count(*)::int AS written FROM updat
 // payload), built in SQL: one statement, one round trip per flush, and the
 // NOTIFYs are delivered exactly when the UPDATE commits.
 const updateMetadataAndNotify = `
-WITH ${lockedBatch}, changed AS (
+WITH ${flushedBatch}, changed AS (
   SELECT workspace_agent_id AS id, count(*)::int AS written FROM updated GROUP BY 1
 ), payloads AS (
   SELECT string_agg(rtrim(encode(uuid_send(id), 'base64'), '='), '') AS payload
