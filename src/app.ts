@@ -19,8 +19,11 @@ import { ingestRoutes, type MetadataSink } from './routes/ingest.js';
 import { lifecycleRoutes } from './routes/lifecycle.js';
 import { openapiRoutes } from './routes/openapi.js';
 import { readRoutes } from './routes/read.js';
+import { streamRoutes } from './routes/stream.js';
 import { uiRoutes } from './routes/ui.js';
+import { StreamMetrics } from './metrics.js';
 import type { MetadataStore } from './store.js';
+import { StreamRegistry } from './streams.js';
 import type { WatchHub } from './watch.js';
 
 export interface AppDependencies {
@@ -37,6 +40,8 @@ export interface AppDependencies {
   clock?: Clock;
   /** Overrides of DEFAULT_TIMEOUTS (tests use short ones). */
   timeouts?: Partial<typeof DEFAULT_TIMEOUTS>;
+  /** The open ingest streams, which revocation closes (main.ts shares it with the control channel). Default: the app's own. */
+  streams?: StreamRegistry;
 }
 
 const SERVED_WHILE_CLOSING = new Set(['/healthz', '/readyz', '/metrics']);
@@ -118,13 +123,27 @@ export function buildApp(deps: AppDependencies): FastifyInstance {
   app.register(healthRoutes, { readiness: deps.readiness, registry: deps.registry, shuttingDown: () => closing });
   const clock = deps.clock ?? systemClock;
   app.register(ingestRoutes, { batcher: deps.batcher, authenticate: agentOnly(deps.auth), clock });
+  const streams = deps.streams ?? new StreamRegistry();
+  app.register(streamRoutes, {
+    sink: deps.batcher,
+    authenticate: agentOnly(deps.auth),
+    clock,
+    streams,
+    metrics: new StreamMetrics(deps.registry),
+    upgradeIdleMs: timeouts.idleMs,
+  });
   app.register(agentRoutes, {
     store: deps.store,
     agents: deps.agents,
     auth: deps.auth,
     authenticate: adminOnly(deps.adminToken),
   });
-  app.register(lifecycleRoutes, { agents: deps.agents, auth: deps.auth, authenticate: adminOnly(deps.adminToken) });
+  app.register(lifecycleRoutes, {
+    agents: deps.agents,
+    auth: deps.auth,
+    streams,
+    authenticate: adminOnly(deps.adminToken),
+  });
   const adminOrAgentToken = adminOrAgent(deps.adminToken, deps.auth);
   app.register(readRoutes, { store: deps.store, watchHub: deps.watchHub, authenticate: adminOrAgentToken, clock });
   app.register(fleetRoutes, {

@@ -3,7 +3,8 @@
 // exactly when its change commits). Every replica LISTENs on it with its one
 // LISTEN connection: a created agent's token is no longer "unknown", a
 // rotated or deleted agent's old token is refused, a deleted agent leaves the
-// watch streams, and a created one joins the streams that watch every agent.
+// watch streams and its ingest streams are closed (as are those of a rotated
+// token), and a created one joins the streams that watch every agent.
 
 /** One channel for every metabatch process on a database: the messages are about rows of that database. */
 export const CONTROL_CHANNEL = 'metabatch_control';
@@ -26,6 +27,8 @@ export function parseControlMessage(payload: string): ControlMessage {
 export interface ControlTargets {
   auth: { forgetAgent(agentId: string): void; forgetUnknown(): void };
   watchHub: { onCreated(agentId: string): void; onDeleted(agentId: string): void };
+  /** The open ingest streams: a revoked agent's are closed (4001). */
+  streams: { revoke(agentId: string): void };
 }
 
 /** Applies one control payload to this replica's caches and streams; a payload it cannot read goes to `onError`. */
@@ -49,9 +52,11 @@ export function applyControlPayload(
     case 'deleted':
       targets.auth.forgetAgent(message.agent_id);
       targets.watchHub.onDeleted(message.agent_id);
+      targets.streams.revoke(message.agent_id);
       break;
     case 'token':
       targets.auth.forgetAgent(message.agent_id);
+      targets.streams.revoke(message.agent_id);
       break;
     default:
       message satisfies never;

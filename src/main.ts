@@ -23,6 +23,7 @@ import type { Logger } from './logger.js';
 import { BatcherMetrics, registerDatabaseUp, registerReady, WatchMetrics } from './metrics.js';
 import { replaySpills, Spill } from './spill.js';
 import { MetadataStore } from './store.js';
+import { StreamRegistry } from './streams.js';
 import { WatchHub } from './watch.js';
 
 /** Collaborators a caller may replace: tests drive the service's time with a fake clock. */
@@ -116,6 +117,8 @@ export async function startService(config: Config, log: Logger, options: Service
       ...(clock ? { clock } : {}),
     });
     opened.push(() => watchHub.close());
+    // The open ingest streams: closed by a revocation here (the lifecycle routes) or on another replica.
+    const streams = new StreamRegistry();
     // The service's one LISTEN connection: batches for the watchers, and the
     // control channel (agents created, deleted, tokens rotated on any replica).
     const listenerLog = log.child({ component: 'listener' });
@@ -134,7 +137,7 @@ export async function startService(config: Config, log: Logger, options: Service
           watchHub.onBatch(agentIds);
         },
         [CONTROL_CHANNEL]: (payload) => {
-          const message = applyControlPayload(payload, { auth, watchHub }, (err) =>
+          const message = applyControlPayload(payload, { auth, watchHub, streams }, (err) =>
             listenerLog.warn({ err }, 'a control payload this version cannot read; ignored'),
           );
           if (message) watchMetrics.controlMessagesTotal.inc({ type: message.type });
@@ -160,6 +163,7 @@ export async function startService(config: Config, log: Logger, options: Service
       registry,
       readiness: { database: health, flushesFailing: () => batcher.flushesFailing },
       watchHub,
+      streams,
       adminToken: config.adminToken,
       ...(options.timeouts ? { timeouts: options.timeouts } : {}),
       ...(clock ? { clock } : {}),

@@ -243,3 +243,90 @@ export class WatchMetrics {
     this.source = source;
   }
 }
+
+/** Why a stream message was refused: an error answer, or the close it caused. */
+export const STREAM_REJECT_REASONS = ['invalid', 'too_big', 'binary'] as const;
+export type StreamRejectReason = (typeof STREAM_REJECT_REASONS)[number];
+
+/** The close codes counted by their number; any other is counted as `other` (a client chooses its own). */
+const STREAM_CLOSE_CODES = new Set([1000, 1001, 1002, 1003, 1005, 1006, 1007, 1008, 1009, 1011, 1013, 4001]);
+
+/**
+ * The WebSocket ingest streams (src/routes/stream.ts). The per-message
+ * counts are plain numbers the stream adds to and the counters read at
+ * scrape time: no prom-client call (nor its label hashing) per message.
+ */
+export class StreamMetrics {
+  /** Reports answered with their counts (queued by the batcher, some maybe dropped). */
+  reports = 0;
+  /** Messages answered with an error (nothing applied). */
+  invalid = 0;
+  private readonly rejectedTotal: Counter<'reason'>;
+  private readonly closedTotal: Counter<'code'>;
+  private source: { connections(): number } | undefined;
+
+  constructor(registry: Registry) {
+    const registers = [registry];
+    const sourceOf = () => this.source;
+    new Gauge({
+      name: 'metabatch_stream_connections',
+      help: 'WebSocket ingest streams open.',
+      registers,
+      collect() {
+        const source = sourceOf();
+        if (source) this.set(source.connections());
+      },
+    });
+    let reportsSeen = 0;
+    const reportsNow = () => this.reports;
+    new Counter({
+      name: 'metabatch_stream_reports_total',
+      help: 'Reports received on WebSocket ingest streams and handed to the batcher (each answered with its counts).',
+      registers,
+      collect() {
+        const now = reportsNow();
+        if (now > reportsSeen) this.inc(now - reportsSeen);
+        reportsSeen = now;
+      },
+    });
+    let invalidSeen = 0;
+    const invalidNow = () => this.invalid;
+    this.rejectedTotal = new Counter({
+      name: 'metabatch_stream_rejected_total',
+      help:
+        'WebSocket ingest messages refused, by reason: invalid (answered with an error, nothing applied), ' +
+        'too_big (over 1 MiB: closed with 1009), binary (closed with 1003).',
+      labelNames: ['reason'],
+      registers,
+      collect() {
+        const now = invalidNow();
+        if (now > invalidSeen) this.inc({ reason: 'invalid' }, now - invalidSeen);
+        invalidSeen = now;
+      },
+    });
+    for (const reason of STREAM_REJECT_REASONS) this.rejectedTotal.inc({ reason }, 0);
+    this.closedTotal = new Counter({
+      name: 'metabatch_stream_closed_total',
+      help:
+        'WebSocket ingest streams closed, by close code: the one the service closed with (1001 shutting down, ' +
+        '1002/1007 bad frame or UTF-8, 1003 binary, 1008 too many streams, 1009 too big, 4001 token revoked, ' +
+        '1013 token unconfirmed, 1006 idle), else the client’s (other: a code not listed).',
+      labelNames: ['code'],
+      registers,
+    });
+  }
+
+  /** A message refused with a close (`invalid` is counted by `invalid++`). */
+  rejected(reason: Exclude<StreamRejectReason, 'invalid'>): void {
+    this.rejectedTotal.inc({ reason });
+  }
+
+  closed(code: number): void {
+    this.closedTotal.inc({ code: STREAM_CLOSE_CODES.has(code) ? String(code) : 'other' });
+  }
+
+  /** Lets the gauge read the open streams at scrape time. */
+  bind(source: { connections(): number }): void {
+    this.source = source;
+  }
+}

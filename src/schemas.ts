@@ -9,7 +9,7 @@
 // object stays the shared one.
 
 import { Type, type Static, type TSchema } from 'typebox';
-import { MAX_VALUE_BYTES } from './report.js';
+import { MAX_ALL_KEYS_BYTES, MAX_ERROR_BYTES, MAX_KEY_CHARS, MAX_VALUE_BYTES } from './report.js';
 
 /** Every error: `{"error": "<message>"}`. */
 export const ErrorBody = Type.Object(
@@ -34,6 +34,52 @@ export const Counts = Type.Object(
   },
   { description: 'The keys of one report, queued or refused.' },
 );
+
+/**
+ * The keys of one report, as agents send them: the `metadata` of a POST body
+ * and of a stream message (docs/original.md, "The input rules"; the finer
+ * checks are normalizeReport's). Unknown properties of an item are ignored.
+ */
+export const ReportMetadata = Type.Array(
+  Type.Object({
+    key: Type.String({ minLength: 1, maxLength: MAX_KEY_CHARS, description: 'A declared key.' }),
+    value: Type.Optional(
+      Type.String({
+        description: `Default "". Trimmed; over ${MAX_VALUE_BYTES} bytes it is cut and \`error\` says so.`,
+      }),
+    ),
+    error: Type.Optional(
+      Type.String({ description: `Default "". Trimmed; over ${MAX_ERROR_BYTES} bytes it is replaced.` }),
+    ),
+    collected_at: Type.Optional(
+      Type.String({
+        description: 'RFC 3339 (2026-11-23T00:00:00Z). Default: server time; a time in the future becomes server time.',
+      }),
+    ),
+  }),
+  {
+    // Each key is at least one byte, so more items than this always exceed the key limit.
+    maxItems: MAX_ALL_KEYS_BYTES,
+    description: `The keys reported; all keys together at most ${MAX_ALL_KEYS_BYTES} bytes.`,
+  },
+);
+
+/**
+ * One message of an ingest stream: a report and its sequence number, which
+ * its answer repeats. A property it does not know is refused.
+ */
+export const StreamReport = Type.Object(
+  {
+    seq: Type.Integer({
+      minimum: 0,
+      maximum: Number.MAX_SAFE_INTEGER,
+      description: 'The client’s number for this report, repeated in its answer.',
+    }),
+    metadata: ReportMetadata,
+  },
+  { additionalProperties: false },
+);
+export type StreamReport = Static<typeof StreamReport>;
 
 /** One metadata key of an agent as clients see it (the GET list, and each item of a watch `data` event). */
 export const MetadataItem = Type.Object(
@@ -153,7 +199,7 @@ export function eventStream(description: string, events: string) {
   };
 }
 
-export type ErrorStatus = 400 | 401 | 403 | 404 | 413 | 415 | 429 | 431 | 500 | 503;
+export type ErrorStatus = 400 | 401 | 403 | 404 | 413 | 415 | 426 | 429 | 431 | 500 | 503;
 
 /**
  * The error answers of a route, each `{"error": "<message>"}`, by status,

@@ -4,7 +4,7 @@
 import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox';
 import { Type } from 'typebox';
 import { BatcherClosedError, type AddResult, type Batcher } from '../batcher.js';
-import { MAX_ALL_KEYS_BYTES, MAX_ERROR_BYTES, MAX_KEY_CHARS, MAX_VALUE_BYTES, normalizeReport } from '../report.js';
+import { MAX_ALL_KEYS_BYTES, normalizeReport } from '../report.js';
 import type { Authenticate } from '../access.js';
 import type { Clock } from '../clock.js';
 import { HttpError } from '../errors.js';
@@ -17,37 +17,12 @@ import {
   INTERNAL,
   json,
   NOT_JSON,
+  ReportMetadata,
   SECURITY,
   TOO_LARGE,
 } from '../schemas.js';
 
-// Limits: docs/original.md, "The input rules"; the finer checks are normalizeReport's.
-const ReportBody = Type.Object({
-  metadata: Type.Array(
-    Type.Object({
-      key: Type.String({ minLength: 1, maxLength: MAX_KEY_CHARS, description: 'A declared key.' }),
-      value: Type.Optional(
-        Type.String({
-          description: `Default "". Trimmed; over ${MAX_VALUE_BYTES} bytes it is cut and \`error\` says so.`,
-        }),
-      ),
-      error: Type.Optional(
-        Type.String({ description: `Default "". Trimmed; over ${MAX_ERROR_BYTES} bytes it is replaced.` }),
-      ),
-      collected_at: Type.Optional(
-        Type.String({
-          description:
-            'RFC 3339 (2026-11-23T00:00:00Z). Default: server time; a time in the future becomes server time.',
-        }),
-      ),
-    }),
-    {
-      // Each key is at least one byte, so more items than this always exceed the key limit.
-      maxItems: MAX_ALL_KEYS_BYTES,
-      description: `The keys reported; all keys together at most ${MAX_ALL_KEYS_BYTES} bytes.`,
-    },
-  ),
-});
+const ReportBody = Type.Object({ metadata: ReportMetadata });
 
 /** Where reports go: the Batcher; the benchmark's naive mode writes at once instead. */
 export interface MetadataSink {

@@ -9,6 +9,7 @@ import type { Authenticate } from '../access.js';
 import { agentView, CursorError, type AgentStore } from '../agentStore.js';
 import type { AgentAuthenticator } from '../auth.js';
 import { HttpError } from '../errors.js';
+import type { StreamRegistry } from '../streams.js';
 import {
   AgentIdParams,
   AgentSummary,
@@ -60,8 +61,10 @@ const adminErrors = {
 export const lifecycleRoutes: FastifyPluginAsyncTypebox<{
   agents: AgentStore;
   auth: AgentAuthenticator;
+  /** The ingest streams: a deleted agent's or a rotated token's are closed at once (4001). */
+  streams: Pick<StreamRegistry, 'revoke'>;
   authenticate: Authenticate;
-}> = async (app, { agents, auth, authenticate }) => {
+}> = async (app, { agents, auth, streams, authenticate }) => {
   app.get(
     '/v1/agents',
     {
@@ -133,7 +136,7 @@ export const lifecycleRoutes: FastifyPluginAsyncTypebox<{
         summary: 'Delete an agent',
         description:
           'Deletes the agent and its metadata. Its token is refused from now on, on every replica within a ' +
-          'second; watch streams get `event: deleted` for it.',
+          'second; watch streams get `event: deleted` for it, and its ingest streams are closed (4001).',
         security: SECURITY.admin,
         params: AgentIdParams,
         response: {
@@ -146,6 +149,7 @@ export const lifecycleRoutes: FastifyPluginAsyncTypebox<{
       const agentId = request.params.agentId.toLowerCase();
       if (!(await agents.delete(agentId))) throw new HttpError(404, `agent ${agentId} not found`);
       auth.forgetAgent(agentId);
+      streams.revoke(agentId);
       return reply.code(204).send(null);
     },
   );
@@ -159,7 +163,7 @@ export const lifecycleRoutes: FastifyPluginAsyncTypebox<{
         summary: 'Rotate an agent’s token',
         description:
           'Gives the agent a new token, in this answer only. The old one is refused from now on, on every ' +
-          'replica within a second.',
+          'replica within a second, and the ingest streams opened with it are closed (4001).',
         security: SECURITY.admin,
         params: AgentIdParams,
         response: {
@@ -173,6 +177,7 @@ export const lifecycleRoutes: FastifyPluginAsyncTypebox<{
       const token = await agents.rotateToken(agentId);
       if (token === undefined) throw new HttpError(404, `agent ${agentId} not found`);
       auth.forgetAgent(agentId);
+      streams.revoke(agentId);
       auth.remember(token, agentId);
       return { id: agentId, token };
     },

@@ -1,0 +1,560 @@
+// GET /v1/agents/{agentId}/metadata/stream: an agent reports over one
+// WebSocket instead of a request each time, as coder's agents do. The token is
+// checked once, at the upgrade, by the POST route's hook; then each text
+// message is one report under the POST's rules (the same schema, the app's
+// ajv, normalizeReport, the batcher's `add`), answered in order with its
+// counts or its error. The per-message path allocates nothing beyond the
+// parse, the report's arrays and its answer: no closure, no log line, no
+// prom-client call.
+
+import type { IncomingMessage } from 'node:http';
+import type { Socket } from 'node:net';
+import type { Duplex } from 'node:stream';
+import websocket from '@fastify/websocket';
+import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox';
+import type { FastifyBaseLogger, FastifyRequest, HookHandlerDoneFunction } from 'fastify';
+import type { RawData, WebSocket } from 'ws';
+import type { Authenticate } from '../access.js';
+import { BatcherClosedError, type AddResult } from '../batcher.js';
+import type { Clock } from '../clock.js';
+import { HttpError } from '../errors.js';
+import { BODY_LIMIT_BYTES } from '../limits.js';
+import type { StreamMetrics } from '../metrics.js';
+import { normalizeReport, ReportError, type Report } from '../report.js';
+import { AgentIdParams, errors, HEADERS_TOO_LARGE, INTERNAL, SECURITY, StreamReport } from '../schemas.js';
+import {
+  MAX_STREAMS_PER_AGENT,
+  REVOKED_CLOSE_CODE,
+  REVOKED_CLOSE_REASON,
+  TOO_MANY_STREAMS,
+  type RevocableStream,
+  type StreamRegistry,
+} from '../streams.js';
+import type { MetadataSink } from './ingest.js';
+
+/** The largest message, as the POST's body limit; over it the stream is closed with 1009. */
+export const MAX_MESSAGE_BYTES = BODY_LIMIT_BYTES;
+/** Unsent answers (the socket's buffered amount) above which the stream stops reading until they drain. */
+export const BACKPRESSURE_BYTES = 1024 * 1024;
+/** Default ping period; a stream silent for a whole period after a ping (no pong, no message) is terminated. */
+export const PING_INTERVAL_MS = 30_000;
+/** How long the service waits at shutdown for clients to answer its close frame before cutting them off. */
+export const CLOSE_GRACE_MS = 1000;
+
+const SHUTTING_DOWN = 'shutting down: retry against another replica or later';
+const SHUTDOWN_CLOSE_CODE = 1001;
+const SHUTDOWN_CLOSE_REASON = 'shutting down';
+const BINARY_CLOSE_CODE = 1003;
+const BINARY_CLOSE_REASON = 'binary messages are not accepted: send each report as JSON text';
+const TOO_MANY_CLOSE_CODE = 1008;
+const TRY_AGAIN_CLOSE_CODE = 1013;
+const TRY_AGAIN_CLOSE_REASON = 'try again later: the token could not be confirmed';
+const MESSAGE_TOO_BIG_CLOSE_CODE = 1009;
+/** What `terminate()` (no close frame) means to the peer, and to the closed-streams metric. */
+const ABNORMAL_CLOSE_CODE = 1006;
+
+export interface StreamRoutesOptions {
+  sink: MetadataSink;
+  /** The POST route's hook: the agent's own token (`agentOnly`). */
+  authenticate: Authenticate;
+  /** The time of reports (collected_at defaults) and of the ping schedule. */
+  clock: Clock;
+  streams: StreamRegistry;
+  metrics: StreamMetrics;
+  /** Ping period (and idle timeout). Default PING_INTERVAL_MS. */
+  pingIntervalMs?: number;
+  /** Bound on the closing handshake at shutdown. Default CLOSE_GRACE_MS. */
+  closeGraceMs?: number;
+  /**
+   * How long the socket of an upgrade request answered over HTTP (an error,
+   * or a route that is no WebSocket) may stay silent before it is closed:
+   * the HTTP server's idle timeout (DEFAULT_TIMEOUTS.idleMs).
+   */
+  upgradeIdleMs: number;
+}
+
+declare module 'fastify' {
+  interface FastifyRequest {
+    /** The stream registry's epoch when the upgrade's token check began (see StreamRegistry.epoch). */
+    streamEpoch: number;
+  }
+}
+
+const DESCRIPTION = `A WebSocket for an agent that stays connected: one report per message, the same rules and
+limits as POST /v1/agents/{agentId}/metadata, without a request (and a token check) per report.
+
+**The upgrade.** \`GET\` with \`Connection: Upgrade\`, \`Upgrade: websocket\` and \`Authorization: Bearer
+<agent token>\`. The token is checked once, here; errors are HTTP answers with \`{"error": …}\` before
+any upgrade: 400 (\`agentId\` not a UUID), 401, 403, 503 (the token cannot be checked), and 429 \`too many
+streams for this agent (at most ${MAX_STREAMS_PER_AGENT})\` for a fifth stream of one agent on one replica.
+A GET without the upgrade is answered 426.
+
+**Messages.** Each text message is one report:
+
+\`\`\`
+{"seq": 7, "metadata": [{"key": "cpu", "value": "12%", "collected_at": "2026-11-23T00:00:00Z"}]}
+\`\`\`
+
+\`seq\` is an integer from 0 to 2^53 − 1 of the client's choosing (no order is required); \`metadata\` is the
+POST body's, under its schema and rules (a property of the message other than these two is refused).
+Reports are handled one at a time, and each is answered, in order:
+
+- \`{"seq":7,"accepted":2,"dropped":0}\`: queued, as the POST's 202;
+- \`{"seq":7,"accepted":1,"dropped":1,"retry_after":1}\`: some keys refused, as the POST's 429 with
+  Retry-After (whole seconds, at least 1): send them again after that;
+- \`{"seq":7,"error":"body/metadata must be array"}\`: refused whole, nothing applied, with the message the
+  POST answers 400 with; \`"seq": null\` when the message is not JSON or has no valid \`seq\`. The stream
+  stays open.
+
+**Closes.** 1003: a binary message. 1009: a message over 1 MiB. 4001 \`token revoked\`: the agent was
+deleted or its token rotated, on any replica (within a second). 1001 \`shutting down\`: the service
+stops, after answering every report it received. 1008: a fifth stream that got past the 429 in a race.
+1013: the token was being checked while thousands of tokens were revoked, and could not be told apart
+from a revoked one (connect again).
+A stream that answers no ping (sent every 30 s) within 30 s, and sends nothing meanwhile, is cut off.
+
+**Backpressure.** While the client leaves over 1 MiB of answers unread, the service reads no more of its
+messages until they drain.`;
+
+export const streamRoutes: FastifyPluginAsyncTypebox<StreamRoutesOptions> = async (app, options) => {
+  const { sink, authenticate, clock, streams, metrics, upgradeIdleMs } = options;
+  const pingIntervalMs = options.pingIntervalMs ?? PING_INTERVAL_MS;
+  const closeGraceMs = options.closeGraceMs ?? CLOSE_GRACE_MS;
+  /** Every stream of this plugin, for the ping schedule and shutdown. */
+  const open = new Set<IngestStream>();
+  let shuttingDown = false;
+  metrics.bind({ connections: () => streams.size });
+
+  let heartbeat: unknown;
+  const beat = () => {
+    heartbeat = undefined;
+    for (const stream of open) stream.beat();
+    armHeartbeat();
+  };
+  // One timer for every stream of the replica, armed while any is open.
+  const armHeartbeat = () => {
+    if (heartbeat === undefined && open.size > 0) heartbeat = clock.setTimeout(beat, pingIntervalMs);
+  };
+
+  const context: StreamContext = {
+    sink,
+    clock,
+    metrics,
+    log: app.log,
+    validate: undefined,
+    closed(stream) {
+      open.delete(stream);
+      streams.remove(stream.agentId, stream);
+      if (open.size === 0 && heartbeat !== undefined) {
+        clock.clearTimeout(heartbeat);
+        heartbeat = undefined;
+      }
+    },
+  };
+
+  // Every upgrade request, to any route, comes to the server's 'upgrade'
+  // listener (@fastify/websocket's), which answers it through Fastify. The
+  // HTTP server no longer watches those sockets, and one answered over HTTP
+  // (an error, a route that is no WebSocket) would stay open, holding
+  // app.close(), as long as its client likes: it gets the server's idle
+  // timeout, which the upgrade to a stream disarms (ws's setSocket), and is
+  // closed at shutdown once answered.
+  const upgrading = new Set<Socket>();
+  function forgetUpgrade(this: Socket) {
+    upgrading.delete(this);
+  }
+  const onUpgrade = (_request: IncomingMessage, duplex: Duplex) => {
+    const socket = duplex as Socket;
+    upgrading.add(socket);
+    socket.once('close', forgetUpgrade);
+    socket.setTimeout(upgradeIdleMs, destroyIdle);
+  };
+  app.server.prependListener('upgrade', onUpgrade);
+  app.addHook('onClose', (_instance, done) => {
+    app.server.removeListener('upgrade', onUpgrade);
+    done();
+  });
+
+  await app.register(websocket, {
+    options: {
+      maxPayload: MAX_MESSAGE_BYTES,
+      perMessageDeflate: false,
+      // The plugin keeps its own set (`open`).
+      clientTracking: false,
+    },
+    // Errors of an established socket. The protocol's own (a message over
+    // maxPayload, invalid UTF-8, a bad frame) already close it with their
+    // code, and the stream counts them.
+    errorHandler(error, socket, request) {
+      if (protocolCloseCode(error) !== undefined) return;
+      request.log.error({ err: error, url: request.routeOptions.url }, 'metadata stream failed');
+      socket.terminate();
+    },
+    // Before the server closes: answer what was received, then 1001 to every
+    // stream, so that app.close() is not held open by them.
+    async preClose() {
+      shuttingDown = true;
+      for (const socket of upgrading) {
+        // Answered over HTTP: nothing more will come. Still being answered: a short while to finish.
+        if (socket.bytesWritten > 0 && socket.writableLength === 0) socket.destroy();
+        else socket.setTimeout(closeGraceMs, destroyIdle);
+      }
+      await Promise.all([...open].map((stream) => stream.shutdown(closeGraceMs)));
+      if (heartbeat !== undefined) clock.clearTimeout(heartbeat);
+      heartbeat = undefined;
+      await new Promise<void>((resolve) => app.websocketServer.close(() => resolve()));
+    },
+  });
+
+  app.decorateRequest('streamEpoch', 0);
+  const markEpoch = (request: FastifyRequest, _reply: unknown, done: HookHandlerDoneFunction) => {
+    request.streamEpoch = streams.epoch();
+    done();
+  };
+
+  app.route({
+    method: 'GET',
+    url: '/v1/agents/:agentId/metadata/stream',
+    // The epoch first: a revocation while the token is checked refuses the stream.
+    onRequest: [markEpoch, authenticate],
+    preHandler: (request, _reply, done) => {
+      const caller = request.caller;
+      if (caller?.kind !== 'agent') return done(new HttpError(401, 'invalid agent token'));
+      if (request.ws && !streams.hasRoom(caller.agentId)) return done(new HttpError(429, TOO_MANY_STREAMS));
+      done();
+    },
+    schema: {
+      tags: ['ingest'],
+      summary: 'Report an agent’s metadata over a WebSocket',
+      description: DESCRIPTION,
+      security: SECURITY.agent,
+      params: AgentIdParams,
+      response: {
+        101: {
+          description:
+            'Switching Protocols: the WebSocket is open; reports and their answers are messages (see above).',
+          type: 'null',
+        },
+        ...errors({
+          400:
+            '`agentId` is not a UUID. (A bad report is answered on the stream, with ' +
+            '`{"seq": n, "error": "<the POST’s 400 message>"}`.)',
+          401: 'No agent token, or an unknown one (the admin token is not an agent token).',
+          403: 'The token belongs to another agent: `this token belongs to another agent`.',
+          426: 'A GET without `Upgrade: websocket`.',
+          429: `The agent has ${MAX_STREAMS_PER_AGENT} streams open on this replica already: \`${TOO_MANY_STREAMS}\`.`,
+          431: HEADERS_TOO_LARGE,
+          500: INTERNAL,
+          503:
+            'Shutting down (`shutting down: retry against another replica or later`), or the token could not ' +
+            'be checked because the database is down.',
+        }),
+      },
+    },
+    handler: async (_request, reply) => {
+      void reply.header('upgrade', 'websocket');
+      throw new HttpError(426, 'this route is a WebSocket: send Connection: Upgrade and Upgrade: websocket');
+    },
+    wsHandler: (socket, request) => {
+      // preHandler made sure of it.
+      const agentId = (request.caller as { agentId: string }).agentId;
+      upgrading.delete(request.raw.socket);
+      context.validate ??= request.compileValidationSchema(StreamReport);
+      const stream = new IngestStream(socket, request.raw.socket, agentId, context);
+      const opened = streams.open(agentId, stream, request.streamEpoch);
+      if (opened === 'revoked') return stream.close(REVOKED_CLOSE_CODE, REVOKED_CLOSE_REASON);
+      if (opened === 'full') return stream.close(TOO_MANY_CLOSE_CODE, TOO_MANY_STREAMS);
+      if (opened === 'unknown') return stream.close(TRY_AGAIN_CLOSE_CODE, TRY_AGAIN_CLOSE_REASON);
+      open.add(stream);
+      armHeartbeat();
+      // Its token was checked while the service began to stop: it stops at once.
+      if (shuttingDown) void stream.shutdown(closeGraceMs);
+    },
+  });
+};
+
+/** A compiled validator, as ajv (through Fastify) returns it. */
+type ValidationFunction = ReturnType<FastifyRequest['compileValidationSchema']>;
+
+interface StreamContext {
+  sink: MetadataSink;
+  clock: Clock;
+  metrics: StreamMetrics;
+  log: FastifyBaseLogger;
+  /** The message validator, compiled once by the app's ajv (no coercion, no removal). */
+  validate: ValidationFunction | undefined;
+  /** A stream's socket closed. */
+  closed(stream: IngestStream): void;
+}
+
+/** One agent's stream: reads reports, answers each in order, and closes as the protocol says. */
+class IngestStream implements RevocableStream {
+  /** Answered a ping or sent a message since the last ping. */
+  private alive = true;
+  /** Closed or closing: nothing it sends is applied any more. */
+  private closing = false;
+  /** The code the service closed with, for the metric (else the peer's). */
+  private closeCode: number | undefined;
+  /** Reading stopped: over BACKPRESSURE_BYTES of answers unsent. */
+  private paused = false;
+  /** A report is with an asynchronous sink (the benchmark's naive one); the batcher answers at once. */
+  private busy = false;
+  /** Shutting down: answers no longer wait for the client to read, and the last one is followed by 1001. */
+  private shuttingDown = false;
+  /** Shutdown waits here for an asynchronous sink's answer. */
+  private idleWaiter: (() => void) | undefined;
+  /** Messages received while paused or busy, answered in order once it is neither. */
+  private readonly queue: Buffer[] = [];
+  /** Answers are corked until the end of the tick: one write for every report of a read. */
+  private corked = false;
+  private readonly settledClose: Promise<void>;
+  private onSettledClose!: () => void;
+
+  constructor(
+    private readonly socket: WebSocket,
+    /** The TCP socket under it (corked, and watched for 'drain'). */
+    private readonly tcp: Socket,
+    readonly agentId: string,
+    private readonly context: StreamContext,
+  ) {
+    this.settledClose = new Promise((resolve) => (this.onSettledClose = resolve));
+    socket.on('message', this.onMessage);
+    socket.on('pong', this.onPong);
+    socket.on('close', this.onClose);
+    socket.on('error', this.onError);
+  }
+
+  revoke(): void {
+    this.close(REVOKED_CLOSE_CODE, REVOKED_CLOSE_REASON);
+  }
+
+  close(code: number, reason: string): void {
+    if (this.closing) return;
+    this.closing = true;
+    this.closeCode = code;
+    this.queue.length = 0;
+    this.socket.close(code, reason);
+    // Read again, if reading had stopped: the client's close frame must come through (later messages are ignored).
+    if (this.paused || this.busy) {
+      this.paused = false;
+      this.socket.resume();
+    }
+  }
+
+  /** The ping schedule: terminates a stream silent since the last ping, pings the others. */
+  beat(): void {
+    if (this.closing) return;
+    if (!this.alive) {
+      this.closing = true;
+      this.closeCode = ABNORMAL_CLOSE_CODE;
+      this.socket.terminate();
+      return;
+    }
+    this.alive = false;
+    this.socket.ping();
+  }
+
+  /** Shutdown: answers what was received, closes with 1001, and cuts the client off if it does not answer. */
+  async shutdown(graceMs: number): Promise<void> {
+    if (!this.closing) {
+      this.shuttingDown = true;
+      this.paused = false;
+      this.drainQueue();
+      while (this.busy) await new Promise<void>((resolve) => (this.idleWaiter = resolve));
+      this.close(SHUTDOWN_CLOSE_CODE, SHUTDOWN_CLOSE_REASON);
+    }
+    // Real time, as the handshake is: a bound on the network, not a schedule of the service's.
+    const timer = setTimeout(() => this.socket.terminate(), graceMs);
+    await this.settledClose;
+    clearTimeout(timer);
+  }
+
+  private readonly onPong = (): void => {
+    this.alive = true;
+  };
+
+  /** A protocol error: ws closes the stream with its code; remember which, for the metric. */
+  private readonly onError = (error: Error): void => {
+    const code = protocolCloseCode(error);
+    if (code === undefined || this.closing) return;
+    this.closing = true;
+    this.closeCode = code;
+    this.queue.length = 0;
+    if (code === MESSAGE_TOO_BIG_CLOSE_CODE) this.context.metrics.rejected('too_big');
+  };
+
+  private readonly onClose = (code: number): void => {
+    this.closing = true;
+    this.queue.length = 0;
+    this.context.metrics.closed(this.closeCode ?? code);
+    this.context.closed(this);
+    this.onSettledClose();
+  };
+
+  private readonly onMessage = (data: RawData, isBinary: boolean): void => {
+    // Revoked or shutting down: the close frame is out, nothing more is applied.
+    if (this.closing) return;
+    this.alive = true;
+    if (isBinary) {
+      this.context.metrics.rejected('binary');
+      this.close(BINARY_CLOSE_CODE, BINARY_CLOSE_REASON);
+      return;
+    }
+    // With the default binaryType, a message is one Buffer.
+    const message = data as Buffer;
+    if (this.busy || this.paused) {
+      this.queue.push(message);
+      return;
+    }
+    this.handle(message);
+  };
+
+  /** One report: parse, validate, normalise, queue, answer. */
+  private handle(data: Buffer): void {
+    let seq: number | null = null;
+    try {
+      let message: unknown;
+      try {
+        message = JSON.parse(data.toString());
+      } catch (err) {
+        return this.refuse(null, (err as Error).message);
+      }
+      seq = seqOf(message);
+      const validate = this.context.validate!;
+      if (!validate(message)) return this.refuse(seq, schemaErrors(validate.errors));
+      const metadata = (message as StreamReport).metadata;
+      let report: Report;
+      try {
+        report = normalizeReport(metadata, this.context.clock.Date.now() * 1000);
+      } catch (err) {
+        if (err instanceof ReportError) return this.refuse(seq, err.message);
+        throw err;
+      }
+      const result = this.context.sink.add(
+        this.agentId,
+        report.keys,
+        report.values,
+        report.errors,
+        report.collectedAtMicros,
+      );
+      if (result instanceof Promise) return this.waitFor(seq as number, result);
+      this.answer(seq as number, result);
+    } catch (err) {
+      this.failed(seq, err);
+    }
+  }
+
+  /** An asynchronous sink: reading stops until it answers, later messages wait in the queue. */
+  private waitFor(seq: number, result: Promise<AddResult>): void {
+    this.busy = true;
+    this.socket.pause();
+    result.then(
+      (counts) => this.settle(() => this.answer(seq, counts)),
+      (err: unknown) => this.settle(() => this.failed(seq, err)),
+    );
+  }
+
+  private settle(answer: () => void): void {
+    this.busy = false;
+    // Revoked meanwhile: the close frame is out, no answer follows it.
+    if (!this.closing) answer();
+    this.drainQueue();
+    if (this.busy) return;
+    const waiter = this.idleWaiter;
+    this.idleWaiter = undefined;
+    if (waiter) waiter();
+    else this.resumeIfIdle();
+  }
+
+  private drainQueue(): void {
+    while (this.queue.length > 0 && !this.busy && !this.paused) this.handle(this.queue.shift()!);
+  }
+
+  private resumeIfIdle(): void {
+    if (!this.closing && !this.busy && !this.paused) this.socket.resume();
+  }
+
+  private answer(seq: number, result: AddResult): void {
+    this.context.metrics.reports++;
+    this.send(
+      result.dropped > 0
+        ? `{"seq":${seq},"accepted":${result.accepted},"dropped":${result.dropped},"retry_after":${this.context.sink.retryAfterSeconds}}`
+        : `{"seq":${seq},"accepted":${result.accepted},"dropped":${result.dropped}}`,
+    );
+  }
+
+  private refuse(seq: number | null, message: string): void {
+    this.context.metrics.invalid++;
+    this.send(`{"seq":${seq},"error":${JSON.stringify(message)}}`);
+  }
+
+  private failed(seq: number | null, err: unknown): void {
+    if (err instanceof BatcherClosedError) {
+      this.send(`{"seq":${seq},"error":${JSON.stringify(SHUTTING_DOWN)}}`);
+      this.close(SHUTDOWN_CLOSE_CODE, SHUTDOWN_CLOSE_REASON);
+      return;
+    }
+    // A bug, as the POST's 500: logged, answered, and the stream goes on.
+    this.context.log.error({ err, agent_id: this.agentId }, 'metadata stream report failed');
+    this.send(`{"seq":${seq},"error":"internal error"}`);
+  }
+
+  private send(text: string): void {
+    if (!this.corked) {
+      this.corked = true;
+      this.tcp.cork();
+      process.nextTick(this.uncork);
+    }
+    this.socket.send(text);
+    if (!this.paused && !this.shuttingDown && !this.closing && this.socket.bufferedAmount > BACKPRESSURE_BYTES) {
+      this.paused = true;
+      this.socket.pause();
+      this.tcp.once('drain', this.onDrain);
+    }
+  }
+
+  private readonly uncork = (): void => {
+    this.corked = false;
+    this.tcp.uncork();
+  };
+
+  private readonly onDrain = (): void => {
+    if (!this.paused) return;
+    this.paused = false;
+    this.drainQueue();
+    this.resumeIfIdle();
+  };
+}
+
+/** A socket silent for its timeout. */
+function destroyIdle(this: Socket): void {
+  this.destroy();
+}
+
+/**
+ * The close code ws closes a stream with after one of its protocol errors
+ * (\`WS_ERR_*\`): 1009 a message over maxPayload, 1007 invalid UTF-8, 1002 a
+ * bad frame; undefined for any other error.
+ */
+function protocolCloseCode(error: Error): number | undefined {
+  const code = (error as { code?: unknown }).code;
+  if (typeof code !== 'string' || !code.startsWith('WS_ERR_')) return undefined;
+  if (code === 'WS_ERR_UNSUPPORTED_MESSAGE_LENGTH') return MESSAGE_TOO_BIG_CLOSE_CODE;
+  if (code === 'WS_ERR_INVALID_UTF8') return 1007;
+  return 1002;
+}
+
+/** The message's seq when it is a valid one, else null (its answer says `"seq":null`). */
+function seqOf(message: unknown): number | null {
+  if (typeof message !== 'object' || message === null) return null;
+  const seq = (message as { seq?: unknown }).seq;
+  return typeof seq === 'number' && Number.isSafeInteger(seq) && seq >= 0 ? seq : null;
+}
+
+/** Fastify's own wording of a body's validation errors, so that the stream's match the POST's 400s. */
+function schemaErrors(errors: ValidationFunction['errors']): string {
+  if (!errors || errors.length === 0) return 'body is invalid';
+  let text = '';
+  for (const error of errors) text += `${text ? ', ' : ''}body${error.instancePath} ${error.message ?? 'is invalid'}`;
+  return text;
+}
