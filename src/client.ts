@@ -3,12 +3,23 @@
 // connection, checked every 10 s, reconnecting with backoff forever). NOTIFY
 // never replays what was missed while disconnected, so after every reconnect
 // `onResync` fires before any further batch: re-read the table then.
+// For agents, `createReporter` (reporter.ts) reports an agent's keys: over the
+// metadata stream, or by POST where the service has no stream.
 
 import { decodeAgentIdChunk } from './agentIdChunks.js';
 import { DEFAULT_NOTIFY_CHANNEL } from './config.js';
 import { listen, type Subscription } from './listener.js';
 
 export type { Subscription } from './listener.js';
+export { createReporter, ReporterError } from './reporter.js';
+export type {
+  ReporterCloseResult,
+  Reporter,
+  ReporterOptions,
+  ReporterStats,
+  ReportResult,
+  ReportValue,
+} from './reporter.js';
 
 export interface SubscribeOptions {
   /** postgres:// URL of the database metabatch writes to. */

@@ -42,5 +42,6 @@ export { startService } from './main.js';
 export type { Service, ServiceOptions, StopResult } from './main.js';
 export { normalizeReport, truncateUtf8, MAX_VALUE_BYTES, MAX_ERROR_BYTES, MAX_ALL_KEYS_BYTES } from './report.js';
 export { WatchHub } from './watch.js';
-export { subscribe } from './client.js';
-export type { SubscribeOptions, Subscription } from './client.js';
+export { subscribe, createReporter, ReporterError } from './client.js';
+export type { SubscribeOptions, Subscription, Reporter, ReporterOptions } from './client.js';
+export { StreamRegistry } from './streams.js';

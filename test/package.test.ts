@@ -7,16 +7,16 @@ import path from 'node:path';
 import { ROOT, run } from './support/process.js';
 
 describe('package exports', () => {
-  it('serves the library and the listener SDK by their package names', async () => {
+  it('serves the library, the listener SDK and the reporter by their package names', async () => {
     const script = `
       import { Batcher, MetadataStore, Publisher, encodeAgentIdChunks, decodeAgentIdChunk } from 'metabatch';
-      import { subscribe } from 'metabatch/client';
+      import { subscribe, createReporter } from 'metabatch/client';
       const chunk = encodeAgentIdChunks(['123e4567-e89b-12d3-a456-426614174000'])[0];
-      console.log(JSON.stringify({ kinds: [typeof Batcher, typeof MetadataStore, typeof Publisher, typeof subscribe], chunk, back: decodeAgentIdChunk(chunk) }));`;
+      console.log(JSON.stringify({ kinds: [typeof Batcher, typeof MetadataStore, typeof Publisher, typeof subscribe, typeof createReporter], chunk, back: decodeAgentIdChunk(chunk) }));`;
     const child = run('node', ['--input-type=module', '-e', script], {});
     expect((await child.exited).code, child.stderr()).toBe(0);
     expect(JSON.parse(child.stdout())).toEqual({
-      kinds: ['function', 'function', 'function', 'function'],
+      kinds: ['function', 'function', 'function', 'function', 'function'],
       chunk: 'Ej5FZ+ibEtOkVkJmFBdAAA',
       back: ['123e4567-e89b-12d3-a456-426614174000'],
     });
