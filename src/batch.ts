@@ -28,6 +28,9 @@ interface Held {
   collectedAt: number;
 }
 
+/** Keys of one agent flattened between two steps of `fill`. */
+const FILL_SLICE = 256;
+
 export function emptyBatch(): MetadataBatch {
   return { agentIds: [], keys: [], values: [], errors: [], collectedAtMicros: [] };
 }
@@ -65,18 +68,38 @@ export class PendingBatch {
     this.count++;
   }
 
-  /** The entries as the UPDATE's arrays; `perAgent` sees each agent's number of keys. */
+  /** The entries as the UPDATE's arrays, at once; `perAgent` sees each agent's number of keys. */
   toArrays(perAgent?: (keys: number) => void): MetadataBatch {
-    const batch = emptyBatch();
+    const filling = this.fill(perAgent);
+    for (let step = filling.next(); ; step = filling.next()) if (step.done) return step.value;
+  }
+
+  /**
+   * The entries as the UPDATE's arrays, yielding after every agent (and
+   * every FILL_SLICE keys of one): the caller may take a turn of the event
+   * loop between steps (slices.ts). Nothing may merge until it is done.
+   */
+  *fill(perAgent?: (keys: number) => void): Generator<void, MetadataBatch> {
+    // Sized once: no array grows (and is copied) on the way.
+    const batch: MetadataBatch = {
+      agentIds: new Array<string>(this.count),
+      keys: new Array<string>(this.count),
+      values: new Array<string>(this.count),
+      errors: new Array<string>(this.count),
+      collectedAtMicros: new Array<number>(this.count),
+    };
+    let i = 0;
     for (const [agentId, keys] of this.agents) {
       perAgent?.(keys.size);
       for (const [key, held] of keys) {
-        batch.agentIds.push(agentId);
-        batch.keys.push(key);
-        batch.values.push(held.value);
-        batch.errors.push(held.error);
-        batch.collectedAtMicros.push(held.collectedAt);
+        batch.agentIds[i] = agentId;
+        batch.keys[i] = key;
+        batch.values[i] = held.value;
+        batch.errors[i] = held.error;
+        batch.collectedAtMicros[i] = held.collectedAt;
+        if (++i % FILL_SLICE === 0) yield;
       }
+      yield;
     }
     return batch;
   }

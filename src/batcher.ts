@@ -19,6 +19,7 @@ import { Backoff, type BackoffOptions } from './backoff.js';
 import { uncounted, type BackgroundRunner } from './background.js';
 import { emptyBatch, PendingBatch, type MetadataBatch, type Update } from './batch.js';
 import { BoundedChannel } from './channel.js';
+import { inSlices } from './slices.js';
 import { systemClock, type Clock } from './clock.js';
 import { DEFAULTS } from './config.js';
 import { dateToMicros } from './timestamps.js';
@@ -27,7 +28,7 @@ import type { BatcherMetrics, FlushReason } from './metrics.js';
 export type { MetadataBatch } from './batch.js';
 
 export interface UpdateResult {
-  /** Distinct agents with at least one row written. */
+  /** Distinct agents with at least one row written; empty when `announced` is set (announcing them is done). */
   changedAgentIds: string[];
   /** Entries of the batch with no row to write (the agent never declared the key). */
   undeclared: number;
@@ -507,9 +508,7 @@ export class Batcher {
     const start = this.clock.Date.now();
     let changed: readonly string[] = [];
     if (count > 0) {
-      const batch = this.background.cpu('metadata_flush', () =>
-        this.batch.toArrays((keys) => this.metrics.batchUtilization.observe(keys)),
-      );
+      const batch = await this.flattenBatch();
       this.log.debug({ reason, count }, 'flushing metadata batch');
       let result: UpdateResult;
       try {
@@ -548,6 +547,16 @@ export class Batcher {
       this.log.debug({ count, elapsed, reason }, 'flush complete');
     }
     return true;
+  }
+
+  /**
+   * The held batch as the UPDATE's arrays, a slice at a time with a turn of
+   * the event loop between slices (slices.ts): requests are answered
+   * meanwhile, and nothing merges while a flush is in flight.
+   */
+  private flattenBatch(): Promise<MetadataBatch> {
+    const filling = this.batch.fill((keys) => this.metrics.batchUtilization.observe(keys));
+    return inSlices(filling, (work) => this.background.cpu('metadata_flush', work));
   }
 
   private countFlushFailure(err: unknown, reason: FlushReason, count: number): void {

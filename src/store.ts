@@ -5,12 +5,13 @@
 
 import type { Pool, PoolClient } from 'pg';
 import { encodeAgentId, MAX_AGENT_IDS_PER_CHUNK } from './agentIdChunks.js';
-import { flushParameters, idKeyParameters } from './arrayLiterals.js';
+import { flushParameters } from './arrayLiterals.js';
 import type { MetadataBatch, MetadataWriter, UpdateResult } from './batcher.js';
 
-// The flush's rows from its five array parameters (arrayLiterals.ts), the
-// timestamps from epoch microseconds, exactly (whole seconds and the
-// remaining microseconds each fit a double), sorted by the primary key.
+// The flush's rows from its six array parameters (arrayLiterals.ts: each
+// row names its agent by index into the first), the timestamps from epoch
+// microseconds, exactly (whole seconds and the remaining microseconds each
+// fit a double), sorted by the primary key.
 // With the pool's planner settings (database.ts: no hash or merge joins) the
 // UPDATE looks each row up by the primary key in this order, so:
 // - its cost is the batch's, not the table's: a hash join over the whole
@@ -19,11 +20,11 @@ import type { MetadataBatch, MetadataWriter, UpdateResult } from './batcher.js';
 //   flushing overlapping rows wait for each other instead of deadlocking.
 const batchRows = `
 m AS MATERIALIZED (
-  SELECT u.workspace_agent_id, u.key, u.value, u.error,
+  SELECT ($1::uuid[])[u.agent] AS workspace_agent_id, u.key, u.value, u.error,
          timestamptz 'epoch' + (u.us / 1000000) * interval '1 second' + (u.us % 1000000) * interval '1 microsecond'
            AS collected_at
-  FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::bigint[]) AS u(workspace_agent_id, key, value, error, us)
-  ORDER BY u.workspace_agent_id, u.key
+  FROM unnest($2::int[], $3::text[], $4::text[], $5::text[], $6::bigint[]) AS u(agent, key, value, error, us)
+  ORDER BY 1, u.key
 )`;
 
 /**
@@ -52,7 +53,8 @@ SELECT workspace_agent_id::text AS agent_id, count(*)::int AS written FROM updat
 // The same flush that also announces the changed agents, in the original's
 // payload format (22-character unpadded base64 per id, at most 363 per
 // payload), built in SQL: one statement, one round trip per flush, and the
-// NOTIFYs are delivered exactly when the UPDATE commits.
+// NOTIFYs are delivered exactly when the UPDATE commits. It answers one row,
+// the rows written and the payloads sent: nothing per agent to receive.
 const updateMetadataAndNotify = `
 WITH ${flushedBatch}, changed AS (
   SELECT workspace_agent_id AS id, count(*)::int AS written FROM updated GROUP BY 1
@@ -61,16 +63,17 @@ WITH ${flushedBatch}, changed AS (
   FROM (SELECT id, (row_number() OVER () - 1) / ${MAX_AGENT_IDS_PER_CHUNK} AS chunk FROM changed) AS numbered
   GROUP BY chunk
 )
-SELECT id::text AS agent_id, written, (SELECT count(pg_notify($6, payload))::int FROM payloads) AS payloads
-FROM changed`;
+SELECT (SELECT coalesce(sum(written), 0)::int FROM changed) AS written,
+       (SELECT count(pg_notify($7, payload))::int FROM payloads) AS payloads`;
 
-// Only when some entries were not written: which of them have no row at all.
+// Only when some entries were not written: which of them have no row at all
+// (the flush's first three parameters: agents, rows' agent indexes, keys).
 const countUndeclared = `
 SELECT count(*)::int AS undeclared
-FROM unnest($1::uuid[], $2::text[]) AS m(workspace_agent_id, key)
+FROM unnest($2::int[], $3::text[]) AS m(agent, key)
 WHERE NOT EXISTS (
   SELECT 1 FROM workspace_agent_metadata w
-  WHERE w.workspace_agent_id = m.workspace_agent_id AND w.key = m.key
+  WHERE w.workspace_agent_id = ($1::uuid[])[m.agent] AND w.key = m.key
 )`;
 
 const lockAgent = `SELECT 1 FROM workspace_agents WHERE id = $1 FOR UPDATE`;
@@ -150,10 +153,18 @@ export class MetadataStore implements MetadataWriter {
 
   async updateMetadata(batch: MetadataBatch): Promise<UpdateResult> {
     const params = await flushParameters(batch);
-    const announce = this.notifyChannel !== undefined;
-    if (announce) params.push(this.notifyChannel);
-    const { rows } = await this.pool.query<{ agent_id: string; written: number; payloads?: number }>(
-      announce ? updateMetadataAndNotify : updateMetadataReturningAgents,
+    if (this.notifyChannel !== undefined) {
+      params.push(this.notifyChannel);
+      const { rows } = await this.pool.query<{ written: number; payloads: number }>(updateMetadataAndNotify, params);
+      const { written, payloads } = rows[0]!;
+      return {
+        changedAgentIds: [],
+        ...(await this.countSkipped(params, batch.keys.length, written)),
+        announced: payloads,
+      };
+    }
+    const { rows } = await this.pool.query<{ agent_id: string; written: number }>(
+      updateMetadataReturningAgents,
       params,
     );
     let written = 0;
@@ -161,14 +172,21 @@ export class MetadataStore implements MetadataWriter {
       written += row.written;
       return row.agent_id;
     });
+    return { changedAgentIds, ...(await this.countSkipped(params, batch.keys.length, written)) };
+  }
+
+  /** The entries of a flush not written: those with no row (undeclared), and the rest (stale). */
+  private async countSkipped(
+    params: readonly string[],
+    entries: number,
+    written: number,
+  ): Promise<{ undeclared: number; stale: number }> {
     let undeclared = 0;
-    if (written < batch.keys.length) {
-      const result = await this.pool.query<{ undeclared: number }>(countUndeclared, idKeyParameters(batch));
+    if (written < entries) {
+      const result = await this.pool.query<{ undeclared: number }>(countUndeclared, params.slice(0, 3));
       undeclared = result.rows[0]?.undeclared ?? 0;
     }
-    const result: UpdateResult = { changedAgentIds, undeclared, stale: batch.keys.length - written - undeclared };
-    if (announce) result.announced = rows[0]?.payloads ?? 0;
-    return result;
+    return { undeclared, stale: entries - written - undeclared };
   }
 
   /**
