@@ -15,7 +15,16 @@ describe('metabatch bench --quick', () => {
     const { code } = await bench.exited;
     expect(code, bench.stderr()).toBe(0);
     expect(bench.stdout()).toMatch(/^metabatch bench: Node v\d+/m);
-    for (const section of ['ingest (closed loop)', 'flush (500 rows a batch)', 'steady (', 'burst (', 'overload (']) {
+    for (const section of [
+      'ingest (closed loop)',
+      'flush (500 rows a batch)',
+      'flush of 20,000 rows: event-loop delay max ms',
+      "parameter building CPU ms per 20,000 rows: ours / pg's",
+      'steady (',
+      'burst (',
+      'overload (',
+      'history (flush cost as the table grows)',
+    ]) {
       expect(bench.stdout()).toContain(section);
     }
     const report = JSON.parse(await fs.readFile(json, 'utf8'));
@@ -24,6 +33,15 @@ describe('metabatch bench --quick', () => {
     expect(report.ingest.ours.requestsPerSecond).toBeGreaterThan(0);
     expect(report.flush.raw.rowsPerSecond).toBeGreaterThan(0);
     expect(report.flush.ours.rowsPerSecond).toBeGreaterThan(0);
+    // One capacity flush per batch fed, each with its own reading of the loop.
+    const { stall } = report.flush;
+    expect(stall.batchSize).toBe(20_000);
+    expect(stall.flushMs.count).toBe(stall.flushes);
+    expect(stall.loopDelayMaxMsPerFlush).toHaveLength(stall.flushes);
+    expect(stall.loopDelayMaxMs).toBe(Math.max(...stall.loopDelayMaxMsPerFlush));
+    expect(stall.parameterCpuMs.rows).toBe(20_000);
+    expect(stall.parameterCpuMs.ours).toBeGreaterThan(0);
+    expect(stall.parameterCpuMs.pg).toBeGreaterThan(0);
     expect(report.steady.ours.statements).toBeGreaterThan(0);
     expect(report.steady.naive.statementsPerKey).toBeGreaterThan(report.steady.ours.statementsPerKey);
     expect(report.steady.ours.freshness.postToNotifyMs.count).toBeGreaterThan(0);
@@ -32,5 +50,16 @@ describe('metabatch bench --quick', () => {
     expect(report.overload.acceptedPlusDroppedEqualsSent).toBe(true);
     expect(report.overload.serviceCountsAgree).toBe(true);
     expect(report.overload.peakRssMb).toBeGreaterThan(0);
+    // The table grew as planned (--quick sizes), and every batch was of the size it says.
+    expect(report.history.sizes.map((s: { tableRows: number }) => s.tableRows)).toEqual([1_000, 10_000, 50_000]);
+    for (const size of report.history.sizes) {
+      expect(size.small.batchRows).toBe(500);
+      expect(size.small.durationMs.count).toBe(size.small.batches);
+      expect(size.large.batchRows).toBe(Math.min(20_000, size.tableRows));
+      expect(size.large.durationMs.count).toBe(size.large.batches);
+      expect(size.large.msPerBatch).toBeGreaterThan(0);
+    }
+    expect(typeof report.history.smallWithin).toBe('boolean');
+    expect(typeof report.history.largeWithin).toBe('boolean');
   }, 180_000);
 });

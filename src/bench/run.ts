@@ -16,6 +16,7 @@ import { log, progress, type Agent, type Context, type Scenario } from './contex
 import { parseOptions } from './options.js';
 import { burst } from './scenarios/burst.js';
 import { flush } from './scenarios/flush.js';
+import { history } from './scenarios/history.js';
 import { ingest } from './scenarios/ingest.js';
 import { overload } from './scenarios/overload.js';
 import { steady } from './scenarios/steady.js';
@@ -25,7 +26,7 @@ import { table, type Machine } from './table.js';
 /** The raw limits: they run first, every time, in this order. */
 const LIMITS: Scenario[] = [flush, ingest];
 /** The scenarios --scenario picks from (all by default): they run next, in this order. */
-const SCENARIOS: Scenario[] = [steady, burst, overload];
+const SCENARIOS: Scenario[] = [steady, burst, overload, history];
 
 export async function runBench(argv: string[]): Promise<number> {
   const options = parseOptions(

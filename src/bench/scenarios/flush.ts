@@ -1,11 +1,16 @@
 // The flush limit: rows/s of the raw UPDATE against the batcher's whole flush
-// path, run in this process (no server, no HTTP), batch for batch.
+// path, run in this process (no server, no HTTP), batch for batch; and what a
+// large flush does to the event loop the requests share with it.
 
+import { monitorEventLoopDelay, PerformanceObserver } from 'node:perf_hooks';
+import { setImmediate as nextTurn } from 'node:timers/promises';
+import pg from 'pg';
 import { Registry } from 'prom-client';
 import { Batcher, type MetadataBatch, type UpdateResult } from '../../batcher.js';
 import { DEFAULT_NOTIFY_CHANNEL } from '../../config.js';
 import { BatcherMetrics } from '../../metrics.js';
 import { flushParameters } from '../../arrayLiterals.js';
+import { provisionAgents } from '../../provision.js';
 import { guardedUpdate, MetadataStore, updateMetadataReturningAgents } from '../../store.js';
 import { BATCH_SIZE, log, progress, type Context, type Scenario } from '../context.js';
 import { roundSummary } from '../figures.js';
@@ -102,6 +107,7 @@ async function measure(context: Context) {
     }
   }
   await batcher.close();
+  const stall = await measureStall(context, () => ++clock * 1000);
   const totalRows = perBlock * blocks * BATCH_SIZE;
   const figures = (mode: (typeof modes)[number]) => ({
     rowsPerSecond: round(totalRows / (spent[mode] / 1000), 0),
@@ -119,12 +125,142 @@ async function measure(context: Context) {
     ours,
     ratio: round(ours.rowsPerSecond / raw.rowsPerSecond, 3),
     ratioToBare: round(ours.rowsPerSecond / bare.rowsPerSecond, 3),
+    stall,
   };
+}
+
+/** The largest batch the stall is measured at (BATCH_SIZE's upper range in production). */
+const STALL_BATCH = 20_000;
+/** pg's generic parameter encoding, which flushParameters replaced (its types do not declare `utils`). */
+const { prepareValue } = (pg as unknown as { utils: { prepareValue: (value: unknown) => unknown } }).utils;
+
+/**
+ * The event loop during flushes of STALL_BATCH rows, and the CPU time of
+ * their parameters against pg's generic encoding. Requests are answered on
+ * the loop the flush runs on: a flush that holds it for long delays every
+ * request in flight, however fast the UPDATE itself is.
+ */
+async function measureStall(context: Context, nextMicros: () => number) {
+  const { pool, keys, options } = context;
+  const perBatch = Math.ceil(STALL_BATCH / keys.length);
+  let agents = context.agents;
+  if (agents.length < perBatch) {
+    // --quick (or a small --agents) provisions fewer agents than one batch takes.
+    agents = [...agents, ...(await provisionAgents(pool, perBatch - agents.length, keys, 'flush-stall'))];
+    await pool.query('VACUUM ANALYZE workspace_agent_metadata');
+  }
+  agents = agents.slice(0, perBatch);
+  const flushes = options.quick ? 3 : 5;
+  progress(`flush: event-loop delay during ${flushes} flushes of ${STALL_BATCH} rows`);
+  const flushDurations: number[] = [];
+  const store = new MetadataStore(pool, { notifyChannel: DEFAULT_NOTIFY_CHANNEL });
+  const batcher = new Batcher({
+    store: {
+      async updateMetadata(batch: MetadataBatch): Promise<UpdateResult> {
+        const t0 = performance.now();
+        try {
+          return await store.updateMetadata(batch);
+        } finally {
+          flushDurations.push(performance.now() - t0);
+        }
+      },
+    },
+    metrics: new BatcherMetrics(new Registry()),
+    logger: log,
+    batchSize: STALL_BATCH,
+    flushIntervalMs: 3_600_000,
+  });
+  // The histogram records the time between its ticks (1 ms when nothing
+  // holds the loop, so its max includes that 1 ms). The interval keeps a
+  // JavaScript timer due every millisecond as well, as a busy server has.
+  const loopDelay = monitorEventLoopDelay({ resolution: 1 });
+  const ticker = setInterval(() => undefined, 1);
+  const delayMaxMs: number[] = [];
+  // The collector's pauses in the same windows: part of the delay, not the flush's own work.
+  let measuring = false;
+  let gcPauseMaxMs = 0;
+  const gc = new PerformanceObserver((list) => {
+    if (!measuring) return;
+    for (const entry of list.getEntries()) gcPauseMaxMs = Math.max(gcPauseMaxMs, entry.duration);
+  });
+  gc.observe({ entryTypes: ['gc'] });
+  try {
+    for (let n = 0; n < flushes; n++) {
+      const at = nextMicros();
+      const values = keys.map((key) => `stall-${n}-${key}`);
+      const errors = keys.map(() => '');
+      const collectedAts = keys.map(() => at);
+      loopDelay.reset();
+      loopDelay.enable();
+      measuring = true;
+      // One report per turn, as requests arrive: the route's own work is
+      // spread over the loop; what is left in one piece is the flush's.
+      for (const agent of agents) {
+        batcher.add(agent.id, keys, values, errors, collectedAts);
+        await nextTurn();
+      }
+      await batcher.idle();
+      loopDelay.disable();
+      measuring = false;
+      delayMaxMs.push(loopDelay.max / 1e6);
+    }
+  } finally {
+    clearInterval(ticker);
+    gc.disconnect();
+    await batcher.close();
+  }
+  return {
+    batchSize: STALL_BATCH,
+    flushes,
+    loopDelayMaxMs: round(Math.max(...delayMaxMs)),
+    loopDelayMaxMsPerFlush: delayMaxMs.map((ms) => round(ms)),
+    gcPauseMaxMs: round(gcPauseMaxMs),
+    flushMs: roundSummary(summarize(flushDurations)),
+    parameterCpuMs: await parameterCpu(agents, keys, nextMicros(), options.quick ? 3 : 7),
+  };
+}
+
+/**
+ * CPU ms (process.cpuUsage, the median of `rounds`, alternating) of one
+ * flush's five parameters: ours (flushParameters) against pg's prepareValue
+ * on the same arrays, the timestamps as Dates as it would take them.
+ */
+async function parameterCpu(agents: readonly { id: string }[], keys: readonly string[], at: number, rounds: number) {
+  const batch: MetadataBatch = { agentIds: [], keys: [], values: [], errors: [], collectedAtMicros: [] };
+  for (const [i, agent] of agents.entries()) {
+    for (const key of keys) {
+      batch.agentIds.push(agent.id);
+      batch.keys.push(key);
+      batch.values.push(`value ${i} of ${key}`);
+      batch.errors.push('');
+      batch.collectedAtMicros.push(at);
+    }
+  }
+  const dates = batch.collectedAtMicros.map((us) => new Date(us / 1000));
+  const arrays = [batch.agentIds, batch.keys, batch.values, batch.errors, dates];
+  const cpuMs = async (work: () => Promise<unknown>) => {
+    const before = process.cpuUsage();
+    await work();
+    const used = process.cpuUsage(before);
+    return (used.user + used.system) / 1000;
+  };
+  const ours: number[] = [];
+  const theirs: number[] = [];
+  // One of each first, uncounted: the JIT.
+  for (let r = -1; r < rounds; r++) {
+    const a = await cpuMs(() => flushParameters(batch));
+    const b = await cpuMs(async () => arrays.map((array) => prepareValue(array)));
+    if (r < 0) continue;
+    ours.push(a);
+    theirs.push(b);
+  }
+  return { rows: batch.keys.length, rounds, ours: round(summarize(ours).p50), pg: round(summarize(theirs).p50) };
 }
 
 type Figures = Awaited<ReturnType<typeof measure>>;
 
 function rows(flush: Figures): string[][] {
+  const { stall } = flush;
   return [
     [`flush (${flush.batchSize} rows a batch)`, 'ours', 'raw UPDATE…RETURNING', 'ratio', 'target'],
     [
@@ -143,6 +279,21 @@ function rows(flush: Figures): string[][] {
       '',
     ],
     ['  rows/s of the bare UPDATE (no RETURNING)', '', fmt(flush.bare.rowsPerSecond), `${flush.ratioToBare}x`, ''],
+    [
+      `  flush of ${fmt(stall.batchSize)} rows: event-loop delay max ms`,
+      fmt(stall.loopDelayMaxMs, 2),
+      '',
+      '',
+      `<= 10 ${check(stall.loopDelayMaxMs <= 10)}`,
+    ],
+    [`    of which the longest GC pause ms`, fmt(stall.gcPauseMaxMs, 2), '', '', ''],
+    [
+      `  parameter building CPU ms per ${fmt(stall.parameterCpuMs.rows)} rows: ours / pg's`,
+      `${stall.parameterCpuMs.ours} / ${stall.parameterCpuMs.pg}`,
+      '',
+      `${round(stall.parameterCpuMs.ours / stall.parameterCpuMs.pg, 2)}x`,
+      `<= 25 ${check(stall.parameterCpuMs.ours <= 25)}`,
+    ],
   ];
 }
 
