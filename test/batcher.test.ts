@@ -559,6 +559,54 @@ describe('beyond the original', () => {
     expect(await deadlocks()).toBe(before);
   });
 
+  it('writes a batch of several slices whose agents interleave, every value exactly, and tells undeclared from stale', async () => {
+    const keys = Array.from({ length: 10 }, (_, i) => `k${i}`);
+    const agents = await db.createAgents(250, keys);
+    const [stale] = agents;
+    await db.pool.query(
+      `UPDATE workspace_agent_metadata SET value = 'newer', collected_at = '2026-11-23T00:00:10Z' WHERE workspace_agent_id = $1 AND key = 'k0'`,
+      [stale],
+    );
+    const tricky = ['say "hi"', 'back\\slash', '{a,b}', 'NULL', '', ' spaced ', 'é✓😀', 'a\\"b'];
+    const batch: MetadataBatch = { agentIds: [], keys: [], values: [], errors: [], collectedAtMicros: [] };
+    const expected = new Map<string, string>();
+    // Key by key across all agents: an agent's rows are 250 apart, in three slices of the literals.
+    for (const key of keys) {
+      for (const [i, agent] of agents.entries()) {
+        const value = `${tricky[i % tricky.length]}#${key}`;
+        batch.agentIds.push(agent);
+        batch.keys.push(key);
+        batch.values.push(value);
+        batch.errors.push(i % 7 === 0 ? `err "${i}"` : '');
+        batch.collectedAtMicros.push(Date.parse('2026-11-23T00:00:05Z') * 1000 + i);
+        expected.set(`${agent}|${key}`, value);
+      }
+    }
+    batch.agentIds.push(agents[1]!);
+    batch.keys.push('undeclared');
+    batch.values.push('v');
+    batch.errors.push('');
+    batch.collectedAtMicros.push(Date.parse('2026-11-23T00:00:05Z') * 1000);
+    const result = await new MetadataStore(db.pool, { notifyChannel: CHANNEL }).updateMetadata(batch);
+    expect(result).toMatchObject({ undeclared: 1, stale: 1, announced: 1 });
+    const { rows } = await db.pool.query<{ id: string; key: string; value: string; error: string; at: string }>(
+      `SELECT workspace_agent_id::text AS id, key, value, error, to_char(collected_at AT TIME ZONE 'UTC', 'US') AS at
+       FROM workspace_agent_metadata WHERE workspace_agent_id = ANY($1::uuid[])`,
+      [agents],
+    );
+    expect(rows).toHaveLength(2500);
+    for (const row of rows) {
+      const i = agents.indexOf(row.id);
+      if (row.id === stale && row.key === 'k0') {
+        expect(row.value).toBe('newer');
+        continue;
+      }
+      expect(row.value).toBe(expected.get(`${row.id}|${row.key}`));
+      expect(row.error).toBe(i % 7 === 0 ? `err "${i}"` : '');
+      expect(Number(row.at)).toBe(i);
+    }
+  });
+
   it('never moves a row back in time, and announces only agents whose rows changed', async () => {
     const h = await harness();
     const [fresh, stale, undeclared] = await db.createAgents(3);
