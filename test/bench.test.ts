@@ -24,6 +24,16 @@ describe('metabatch bench --quick', () => {
       'burst (',
       'overload (',
       'history (flush cost as the table grows)',
+      'stream vs POST (closed loop, 49 agents x 10 keys)',
+      '  reports/s, createReporter (one in flight per agent)',
+      '  reports/s, raw WebSockets, 4 in flight per agent',
+      'stream at 500 agents x 10 keys / 1000 ms',
+      '  ack latency p50 / p99 / max ms',
+      'capacity (agents x 10 keys / 500 ms, open loop)',
+      '  sustained: p99 <= 50 ms, no errors, no keys dropped',
+      '  POST ',
+      '  stream (createReporter) ',
+      '  naive (UPDATE + NOTIFY per report) ',
     ]) {
       expect(bench.stdout()).toContain(section);
     }
@@ -61,5 +71,26 @@ describe('metabatch bench --quick', () => {
     }
     expect(typeof report.history.smallWithin).toBe('boolean');
     expect(typeof report.history.largeWithin).toBe('boolean');
+    // The stream against POST on the same agents: every transport was measured, with the service's CPU.
+    const { closed, steady: streamSteady } = report.stream;
+    for (const transport of [closed.stream, closed.ws, closed.post]) {
+      expect(transport.requests).toBeGreaterThan(0);
+      expect(transport.serviceCpuUsPerReport).toBeGreaterThan(0);
+    }
+    expect(closed.stream.ratio).toBeGreaterThan(0);
+    expect(closed.ws.ratio).toBeGreaterThan(0);
+    // Under the steady load every agent reported over a stream of its own (no POST fallback), and was timed.
+    expect(streamSteady.stream.streamsOpened).toBeGreaterThanOrEqual(streamSteady.agents);
+    expect(streamSteady.stream.latencyMs.count).toBe(streamSteady.stream.requests);
+    expect(streamSteady.post.latencyMs.count).toBe(streamSteady.post.requests);
+    // The capacity search: each mode tried fleets, and its largest is one it sustained.
+    expect(report.capacity.criterion).toEqual({ p99Ms: 50, errors: 0, droppedKeys: 0 });
+    for (const mode of ['post', 'stream', 'naive']) {
+      const { steps, largest } = report.capacity[mode];
+      expect(steps.length).toBeGreaterThan(0);
+      for (const step of steps) expect(typeof step.sustained).toBe('boolean');
+      if (largest) expect(steps).toContainEqual(largest);
+      if (largest) expect(largest.sustained).toBe(true);
+    }
   }, 180_000);
 });

@@ -1,11 +1,15 @@
 // The benchmark's load generator, run as its own process so that it does not
-// share a core's event loop with the service: real HTTP over undici, each
-// agent POSTing its keys with changing values. Prints one JSON line of
-// results.
+// share a core's event loop with the service. Each agent reports its keys
+// with changing values: by real HTTP POSTs over undici, or over the
+// streaming route through the agents' own client, createReporter
+// (src/reporter.ts), or over raw WebSockets. Prints one JSON line of results.
 
 import { readFileSync } from 'node:fs';
 import { monitorEventLoopDelay } from 'node:perf_hooks';
 import { Pool } from 'undici';
+import WebSocket from 'ws';
+import { createReporter, type Reporter } from '../reporter.js';
+import { cpuSecondsSince, cpuTicks, postgresPids } from './cpu.js';
 import { summarize, type Summary } from './stats.js';
 
 export interface LoadConfig {
@@ -15,6 +19,14 @@ export interface LoadConfig {
   keys: string[];
   /** closed: `concurrency` loops as fast as they can; open: every agent every `intervalMs`; burst: every agent once, all at once. */
   mode: 'closed' | 'open' | 'burst';
+  /**
+   * post (default): each report a POST, over `concurrency` connections shared
+   * by every agent. stream: each agent a reporter of its own (createReporter),
+   * so a WebSocket each, one report in flight at a time; a report is answered
+   * when its flush() resolves. ws: a raw WebSocket per agent (wsTransport).
+   * Over a stream, closed mode's loop i keeps to agent i % agents.
+   */
+  transport?: 'post' | 'stream' | 'ws';
   concurrency: number;
   durationMs: number;
   intervalMs: number;
@@ -26,11 +38,19 @@ export interface LoadConfig {
   keepLatencies?: boolean;
   /** Requests due in the first rampMs are sent but not measured (process start, connections, JIT). */
   rampMs?: number;
+  /** The server's process, whose CPU is read over the measured window (from rampMs to the end) as Postgres's is. */
+  serverPid?: number;
 }
 
 export interface LoadResult {
   requests: number;
+  /**
+   * By HTTP status. Over the stream, a report counts as the POST would have
+   * been answered: 202 every key taken, 429 some dropped (the reporter sent
+   * them again after retry_after, and its flush() waited for that too).
+   */
   statuses: Record<string, number>;
+  /** Requests with no answer; over the stream, the problems the reporters reported (onError). */
   errors: number;
   keysSent: number;
   keysAccepted: number;
@@ -46,6 +66,10 @@ export interface LoadResult {
   generatorCpuSeconds: number;
   /** The generator's own event-loop delay: a stall here shows as latency too. */
   generatorLoopDelayMs: { p99: number; max: number };
+  /** CPU seconds over the measured window: this generator, the server (serverPid), every Postgres process. */
+  windowCpuSeconds?: { generator: number; server: number; postgres: number };
+  /** Over the stream: messages the reporters sent, and streams they opened (more than the agents: reconnects). */
+  stream?: { messages: number; streamsOpened: number };
 }
 
 interface Agent {
@@ -53,10 +77,180 @@ interface Agent {
   token: string;
 }
 
+/** Streams opened at a time before the load starts. */
+const CONNECTING = 100;
+
+/** One report's answer: the POST's status (or the stream's equivalent) and its key counts. */
+interface Answer {
+  status: number;
+  accepted: number;
+  dropped: number;
+}
+
+interface Transport {
+  /** Before the load: opens every agent's connection, where each agent has its own. */
+  connect?(): Promise<void>;
+  /** Agent `index` reports every key with values of `round`; throws when no answer came. */
+  send(index: number, round: number): Promise<Answer>;
+  close(): Promise<void>;
+  stream?(): { messages: number; streamsOpened: number };
+}
+
+/** The report's items, `"metadata":[…]`, every key with a value of this round (the POST's body, and each ws message). */
+function metadataOf(keys: readonly string[], round: number): string {
+  let items = '"metadata":[';
+  for (let k = 0; k < keys.length; k++) items += `${k === 0 ? '' : ','}{"key":"${keys[k]}","value":"${round}-${k}"}`;
+  return `${items}]`;
+}
+
+/** Each report a POST over a pool of `concurrency` connections. */
+function postTransport(config: LoadConfig, agents: Agent[]): Transport {
+  const pool = new Pool(config.baseUrl, { connections: config.concurrency, pipelining: 1, keepAliveTimeout: 60_000 });
+  return {
+    async send(index, round) {
+      const agent = agents[index]!;
+      const body = `{${metadataOf(config.keys, round)}}`;
+      const res = await pool.request({
+        method: 'POST',
+        path: `/v1/agents/${agent.id}/metadata`,
+        headers: { authorization: `Bearer ${agent.token}`, 'content-type': 'application/json' },
+        body,
+      });
+      const text = await res.body.text();
+      const counts =
+        res.statusCode === 202 || res.statusCode === 429
+          ? (JSON.parse(text) as { accepted: number; dropped: number })
+          : { accepted: 0, dropped: 0 };
+      return { status: res.statusCode, ...counts };
+    },
+    close: () => pool.close(),
+  };
+}
+
+/**
+ * Each agent a reporter of its own, as agents run it: its stream opens at its
+ * first report. A report is answered when flush() resolves, that is when the
+ * service acknowledged every key of it (dropped keys sent again included).
+ * The reporter recovers from failures by itself; `onFailure` hears of each.
+ */
+function streamTransport(config: LoadConfig, agents: Agent[], onFailure: () => void): Transport {
+  const reporters: Reporter[] = agents.map((agent) =>
+    createReporter({ url: config.baseUrl, agentId: agent.id, token: agent.token, onError: onFailure }),
+  );
+  const transport: Transport = {
+    // A fleet's streams are long-lived: they are open before the load starts,
+    // so that opening thousands (a connect and a token check each) is not
+    // what the load measures. Each agent's first report opens its stream.
+    async connect() {
+      let next = 0;
+      const opener = async () => {
+        for (let index = next++; index < reporters.length; index = next++) await transport.send(index, 0);
+      };
+      await Promise.all(Array.from({ length: Math.min(CONNECTING, reporters.length) }, opener));
+    },
+    async send(index, round) {
+      const reporter = reporters[index]!;
+      const values: Record<string, string> = {};
+      for (let k = 0; k < config.keys.length; k++) values[config.keys[k]!] = `${round}-${k}`;
+      // One report in flight per reporter: what its counters add meanwhile is this report's.
+      const before = reporter.stats();
+      reporter.report(values);
+      await reporter.flush();
+      const after = reporter.stats();
+      const dropped = after.droppedKeys - before.droppedKeys;
+      return { status: dropped > 0 ? 429 : 202, accepted: after.acceptedKeys - before.acceptedKeys, dropped };
+    },
+    async close() {
+      await Promise.all(reporters.map((reporter) => reporter.close()));
+    },
+    stream() {
+      const stats = reporters.map((reporter) => reporter.stats());
+      return {
+        messages: stats.reduce((n, s) => n + s.sent, 0),
+        streamsOpened: stats.reduce((n, s) => n + s.streamsOpened, 0),
+      };
+    },
+  };
+  return transport;
+}
+
+/**
+ * The streaming route with no client library: a raw WebSocket per agent,
+ * opened at its first report, each message the POST's body with a `seq`.
+ * The loops that share an agent pipeline their reports on its socket (the
+ * route answers in order): what the route takes when the client costs
+ * little and keeps several reports in flight.
+ */
+function wsTransport(config: LoadConfig, agents: Agent[]): Transport {
+  interface Socket {
+    ws: WebSocket;
+    /** The reports in flight, oldest first: answers come in order. */
+    waiting: { resolve: (answer: Answer) => void; reject: (err: Error) => void }[];
+  }
+  const sockets = new Map<number, Promise<Socket>>();
+  const base = config.baseUrl.replace(/^http/, 'ws');
+  const open = (agent: Agent) =>
+    new Promise<Socket>((resolve, reject) => {
+      const ws = new WebSocket(`${base}/v1/agents/${agent.id}/metadata/stream`, {
+        headers: { authorization: `Bearer ${agent.token}` },
+        perMessageDeflate: false,
+      });
+      const socket: Socket = { ws, waiting: [] };
+      ws.on('message', (data: Buffer) => {
+        const answer = JSON.parse(data.toString()) as { accepted?: number; dropped?: number; error?: string };
+        const waiter = socket.waiting.shift()!;
+        if (answer.error !== undefined) return waiter.reject(new Error(answer.error));
+        const dropped = answer.dropped ?? 0;
+        waiter.resolve({ status: dropped > 0 ? 429 : 202, accepted: answer.accepted ?? 0, dropped });
+      });
+      ws.once('close', () => {
+        for (const waiter of socket.waiting.splice(0)) waiter.reject(new Error('stream closed'));
+      });
+      ws.on('error', reject);
+      ws.once('open', () => resolve(socket));
+    });
+  let seq = 0;
+  return {
+    async send(index, round) {
+      let opening = sockets.get(index);
+      if (!opening) sockets.set(index, (opening = open(agents[index]!)));
+      const socket = await opening;
+      return new Promise<Answer>((resolve, reject) => {
+        socket.waiting.push({ resolve, reject });
+        socket.ws.send(`{"seq":${seq++},${metadataOf(config.keys, round)}}`);
+      });
+    },
+    async close() {
+      const opened = await Promise.allSettled(sockets.values());
+      for (const socket of opened) if (socket.status === 'fulfilled') socket.value.ws.terminate();
+    },
+  };
+}
+
+/**
+ * CPU seconds from now until end() of this process, of `serverPid` and of
+ * every Postgres process running now (the pool's backends come and go:
+ * they are looked up when the window opens).
+ */
+function cpuWindow(serverPid: number | undefined) {
+  const usage = process.cpuUsage();
+  const server = cpuTicks(serverPid === undefined ? [] : [serverPid]);
+  const postgres = cpuTicks(postgresPids());
+  return {
+    end() {
+      const used = process.cpuUsage(usage);
+      return {
+        generator: (used.user + used.system) / 1e6,
+        server: cpuSecondsSince(server),
+        postgres: cpuSecondsSince(postgres),
+      };
+    },
+  };
+}
+
 async function main(): Promise<void> {
   const config = JSON.parse(readFileSync(process.argv[2]!, 'utf8')) as LoadConfig;
   const agents = JSON.parse(readFileSync(config.agentsFile, 'utf8')) as Agent[];
-  const pool = new Pool(config.baseUrl, { connections: config.concurrency, pipelining: 1, keepAliveTimeout: 60_000 });
   const latencies: number[] = [];
   const statuses: Record<string, number> = {};
   let requests = 0;
@@ -66,41 +260,33 @@ async function main(): Promise<void> {
   let keysDropped = 0;
   let keysAcceptedAll = 0;
   const rounds = new Uint32Array(agents.length).fill(config.firstRound ?? 0);
+  let measureFrom = Number.POSITIVE_INFINITY;
+  const transport =
+    config.transport === 'stream'
+      ? streamTransport(config, agents, () => {
+          if (performance.now() >= measureFrom) errors++;
+        })
+      : config.transport === 'ws'
+        ? wsTransport(config, agents)
+        : postTransport(config, agents);
+  await transport.connect?.();
   const loopDelay = monitorEventLoopDelay({ resolution: 5 });
   loopDelay.enable();
   const start = performance.now();
-
-  const measureFrom = start + (config.rampMs ?? 0);
+  measureFrom = start + (config.rampMs ?? 0);
   let measuredFrom = Number.POSITIVE_INFINITY;
-  const post = async (index: number, scheduledAt: number): Promise<void> => {
-    const agent = agents[index]!;
+  let window: ReturnType<typeof cpuWindow> | undefined;
+  const windowTimer = setTimeout(() => (window = cpuWindow(config.serverPid)), config.rampMs ?? 0);
+  const send = async (index: number, scheduledAt: number): Promise<void> => {
     const measured = scheduledAt >= measureFrom;
     if (measured && scheduledAt < measuredFrom) measuredFrom = scheduledAt;
-    const round = rounds[index]!++;
-    let body = '{"metadata":[';
-    for (let k = 0; k < config.keys.length; k++) {
-      body += `${k === 0 ? '' : ','}{"key":"${config.keys[k]}","value":"${round}-${k}"}`;
-    }
-    body += ']}';
     try {
-      const res = await pool.request({
-        method: 'POST',
-        path: `/v1/agents/${agent.id}/metadata`,
-        headers: { authorization: `Bearer ${agent.token}`, 'content-type': 'application/json' },
-        body,
-      });
-      const text = await res.body.text();
-      const answer =
-        res.statusCode === 202 || res.statusCode === 429
-          ? (JSON.parse(text) as { accepted: number; dropped: number })
-          : undefined;
-      keysAcceptedAll += answer?.accepted ?? 0;
+      const answer = await transport.send(index, rounds[index]!++);
+      keysAcceptedAll += answer.accepted;
       if (!measured) return;
-      statuses[res.statusCode] = (statuses[res.statusCode] ?? 0) + 1;
-      if (answer) {
-        keysAccepted += answer.accepted;
-        keysDropped += answer.dropped;
-      }
+      statuses[answer.status] = (statuses[answer.status] ?? 0) + 1;
+      keysAccepted += answer.accepted;
+      keysDropped += answer.dropped;
     } catch {
       if (measured) errors++;
     } finally {
@@ -113,24 +299,26 @@ async function main(): Promise<void> {
   };
 
   if (config.mode === 'closed') {
+    const perAgentLoops = config.transport === 'stream' || config.transport === 'ws';
     let next = 0;
     const deadline = start + config.durationMs;
     const limit = config.requests ?? Number.POSITIVE_INFINITY;
     let issued = 0;
     await Promise.all(
-      Array.from({ length: config.concurrency }, async () => {
+      Array.from({ length: config.concurrency }, async (_, loop) => {
         while (performance.now() < deadline && issued < limit) {
           issued++;
-          const index = next++ % agents.length;
-          await post(index, performance.now());
+          // Over a stream each loop keeps to its own agent (one loop per agent: one report in flight each).
+          const index = perAgentLoops ? loop % agents.length : next++ % agents.length;
+          await send(index, performance.now());
         }
       }),
     );
   } else if (config.mode === 'burst') {
     const at = performance.now();
-    await Promise.all(agents.map((_, index) => post(index, at)));
+    await Promise.all(agents.map((_, index) => send(index, at)));
   } else {
-    // Open loop: agent i posts at i/N of each interval, timed from when it
+    // Open loop: agent i reports at i/N of each interval, timed from when it
     // was due, so a slow server shows as latency (no coordinated omission).
     const inFlight = new Set<Promise<void>>();
     const perMs = agents.length / config.intervalMs;
@@ -142,7 +330,7 @@ async function main(): Promise<void> {
         const target = Math.floor((Math.min(now, end) - start) * perMs);
         for (; due < target; due++) {
           const scheduledAt = start + due / perMs;
-          const p = post(due % agents.length, scheduledAt);
+          const p = send(due % agents.length, scheduledAt);
           inFlight.add(p);
           void p.finally(() => inFlight.delete(p));
         }
@@ -155,7 +343,10 @@ async function main(): Promise<void> {
     await Promise.all(inFlight);
   }
   const seconds = (performance.now() - Math.min(measuredFrom, performance.now())) / 1000;
-  await pool.close();
+  clearTimeout(windowTimer);
+  const windowCpuSeconds = window?.end();
+  const stream = transport.stream?.();
+  await transport.close();
   const result: LoadResult = {
     requests,
     statuses,
@@ -171,6 +362,8 @@ async function main(): Promise<void> {
     ...(config.keepLatencies ? { latencies } : {}),
     generatorLoopDelayMs: { p99: loopDelay.percentile(99) / 1e6, max: loopDelay.max / 1e6 },
     generatorCpuSeconds: (process.cpuUsage().user + process.cpuUsage().system) / 1e6,
+    ...(windowCpuSeconds ? { windowCpuSeconds } : {}),
+    ...(stream ? { stream } : {}),
   };
   process.stdout.write(`${JSON.stringify({ event: 'result', result })}\n`);
 }

@@ -15,18 +15,20 @@ import { provisionAgents } from '../provision.js';
 import { log, progress, type Agent, type Context, type Scenario } from './context.js';
 import { parseOptions } from './options.js';
 import { burst } from './scenarios/burst.js';
+import { capacity } from './scenarios/capacity.js';
 import { flush } from './scenarios/flush.js';
 import { history } from './scenarios/history.js';
 import { ingest } from './scenarios/ingest.js';
 import { overload } from './scenarios/overload.js';
 import { steady } from './scenarios/steady.js';
+import { stream } from './scenarios/stream.js';
 import { round } from './stats.js';
 import { table, type Machine } from './table.js';
 
 /** The raw limits: they run first, every time, in this order. */
 const LIMITS: Scenario[] = [flush, ingest];
 /** The scenarios --scenario picks from (all by default): they run next, in this order. */
-const SCENARIOS: Scenario[] = [steady, burst, overload, history];
+const SCENARIOS: Scenario[] = [steady, burst, overload, history, stream, capacity];
 
 export async function runBench(argv: string[]): Promise<number> {
   const options = parseOptions(
