@@ -14,7 +14,7 @@ import fc from 'fast-check';
 import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from 'vitest';
 import WebSocket from 'ws';
 import { provisionAgents } from '../src/provision.js';
-import { MAX_MESSAGE_BYTES, PING_INTERVAL_MS } from '../src/routes/stream.js';
+import { MAX_MESSAGE_BYTES, PING_INTERVAL_MS, PING_SLOTS } from '../src/routes/stream.js';
 import { ReportMetadata } from '../src/schemas.js';
 import { MAX_STREAMS_PER_AGENT, StreamRegistry } from '../src/streams.js';
 import { closedAfterEach, testDatabase } from './support/db.js';
@@ -537,6 +537,33 @@ describe('bounds', () => {
     expect(await reporting.closed).toMatchObject({ code: 1006 });
     expect(answering.ws.readyState).toBe(WebSocket.OPEN);
     await vi.waitFor(async () => expect(await h.metric('metabatch_stream_closed_total', { code: '1006' })).toBe(2));
+  });
+
+  it('spreads its pings over the period: each stream once a period, streams opened together in turns', async () => {
+    const h = await appHarness();
+    const { id, token } = await h.agent(['cpu']);
+    const clients = [await open(h.base, id, token), await open(h.base, id, token), await open(h.base, id, token)];
+    const pingedAt: number[][] = clients.map(() => []);
+    // A ping sent before the client's own ping was answered has reached it by then.
+    const settle = () =>
+      Promise.all(
+        clients.map(
+          (client) =>
+            new Promise<void>((resolve) => {
+              client.ws.once('pong', () => resolve());
+              client.ws.ping();
+            }),
+        ),
+      );
+    for (let step = 1; step <= 2 * PING_SLOTS; step++) {
+      clients.forEach((client, i) => client.ws.once('ping', () => pingedAt[i]!.push(step)));
+      h.clock.tick(PING_INTERVAL_MS / PING_SLOTS);
+      await settle();
+      for (const client of clients) client.ws.removeAllListeners('ping');
+    }
+    // Opened together, pinged in three different turns, then again a whole period later.
+    expect(new Set(pingedAt.map((steps) => steps[0])).size).toBe(3);
+    for (const steps of pingedAt) expect(steps).toEqual([steps[0], steps[0]! + PING_SLOTS]);
   });
 
   it('is not cut off by the HTTP server’s request and idle timeouts', async () => {

@@ -38,6 +38,8 @@ export const MAX_MESSAGE_BYTES = BODY_LIMIT_BYTES;
 export const BACKPRESSURE_BYTES = 1024 * 1024;
 /** Default ping period; a stream silent for a whole period after a ping (no pong, no message) is terminated. */
 export const PING_INTERVAL_MS = 30_000;
+/** The ping period's slots: a stream is pinged in its slot's turn, one slot every PING_INTERVAL_MS / PING_SLOTS. */
+export const PING_SLOTS = 30;
 /** How long the service waits at shutdown for clients to answer its close frame before cutting them off. */
 export const CLOSE_GRACE_MS = 1000;
 
@@ -125,15 +127,34 @@ export const streamRoutes: FastifyPluginAsyncTypebox<StreamRoutesOptions> = asyn
   let shuttingDown = false;
   metrics.bind({ connections: () => streams.size });
 
+  // The ping schedule, spread over the period: each stream belongs to one of
+  // PING_SLOTS slots (in turn, so they stay even), and one timer for the
+  // whole replica, armed while any stream is open, pings one slot every
+  // period / PING_SLOTS. So each stream is still pinged once a period, and
+  // 10,000 streams cost ~330 pings a tick, not 10,000 writes (and then
+  // 10,000 pongs) in one turn of the event loop, which held every report
+  // behind them long enough to fill the channel.
+  const slots = Array.from({ length: PING_SLOTS }, () => new Set<IngestStream>());
+  const slotOf = new Map<IngestStream, Set<IngestStream>>();
+  let nextSlot = 0;
+  let dueSlot = 0;
   let heartbeat: unknown;
   const beat = () => {
     heartbeat = undefined;
-    for (const stream of open) stream.beat();
+    const slot = slots[dueSlot]!;
+    dueSlot = (dueSlot + 1) % PING_SLOTS;
+    for (const stream of slot) stream.beat();
     armHeartbeat();
   };
-  // One timer for every stream of the replica, armed while any is open.
   const armHeartbeat = () => {
-    if (heartbeat === undefined && open.size > 0) heartbeat = clock.setTimeout(beat, pingIntervalMs);
+    if (heartbeat === undefined && open.size > 0) heartbeat = clock.setTimeout(beat, pingIntervalMs / PING_SLOTS);
+  };
+  const joinSchedule = (stream: IngestStream) => {
+    const slot = slots[nextSlot]!;
+    nextSlot = (nextSlot + 1) % PING_SLOTS;
+    slot.add(stream);
+    slotOf.set(stream, slot);
+    armHeartbeat();
   };
 
   const context: StreamContext = {
@@ -144,6 +165,8 @@ export const streamRoutes: FastifyPluginAsyncTypebox<StreamRoutesOptions> = asyn
     validate: undefined,
     closed(stream) {
       open.delete(stream);
+      slotOf.get(stream)?.delete(stream);
+      slotOf.delete(stream);
       streams.remove(stream.agentId, stream);
       if (open.size === 0 && heartbeat !== undefined) {
         clock.clearTimeout(heartbeat);
@@ -266,7 +289,7 @@ export const streamRoutes: FastifyPluginAsyncTypebox<StreamRoutesOptions> = asyn
       if (opened === 'full') return stream.close(TOO_MANY_CLOSE_CODE, TOO_MANY_STREAMS);
       if (opened === 'unknown') return stream.close(TRY_AGAIN_CLOSE_CODE, TRY_AGAIN_CLOSE_REASON);
       open.add(stream);
-      armHeartbeat();
+      joinSchedule(stream);
       // Its token was checked while the service began to stop: it stops at once.
       if (shuttingDown) void stream.shutdown(closeGraceMs);
     },
