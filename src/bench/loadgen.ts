@@ -5,7 +5,7 @@
 // (src/reporter.ts), or over raw WebSockets. Prints one JSON line of results.
 
 import { readFileSync } from 'node:fs';
-import { monitorEventLoopDelay } from 'node:perf_hooks';
+import { monitorEventLoopDelay, PerformanceObserver } from 'node:perf_hooks';
 import { Pool } from 'undici';
 import WebSocket from 'ws';
 import { createReporter, type Reporter } from '../reporter.js';
@@ -68,6 +68,14 @@ export interface LoadResult {
   generatorLoopDelayMs: { p99: number; max: number };
   /** CPU seconds over the measured window: this generator, the server (serverPid), every Postgres process. */
   windowCpuSeconds?: { generator: number; server: number; postgres: number };
+  /**
+   * Over the measured window (with serverPid): the longest pause of the
+   * generator's GC, and the server's own event-loop delay max (its
+   * metabatch_nodejs_eventloop_lag_max_seconds, read at the window's start and
+   * end: prom-client resets it at each read). A latency tail of the same size
+   * is one of them holding every answer, not the transport.
+   */
+  windowStallsMs?: { generatorGc: number; serverLoop: number };
   /** Over the stream: messages the reporters sent, and streams they opened (more than the agents: reconnects). */
   stream?: { messages: number; streamsOpened: number };
 }
@@ -227,23 +235,44 @@ function wsTransport(config: LoadConfig, agents: Agent[]): Transport {
   };
 }
 
+/** The server's event-loop delay max since its last scrape, in ms (undefined when it has no such metric). */
+async function serverLoopMaxMs(baseUrl: string): Promise<number | undefined> {
+  try {
+    const text = await (await fetch(`${baseUrl}/metrics`)).text();
+    const line = /^metabatch_nodejs_eventloop_lag_max_seconds (\S+)$/m.exec(text);
+    return line ? Number(line[1]) * 1000 : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
 /**
  * CPU seconds from now until end() of this process, of `serverPid` and of
  * every Postgres process running now (the pool's backends come and go:
- * they are looked up when the window opens).
+ * they are looked up when the window opens); and the stalls of the same
+ * window (LoadResult.windowStallsMs).
  */
-function cpuWindow(serverPid: number | undefined) {
+async function cpuWindow(baseUrl: string, serverPid: number | undefined) {
+  await serverLoopMaxMs(baseUrl);
   const usage = process.cpuUsage();
   const server = cpuTicks(serverPid === undefined ? [] : [serverPid]);
   const postgres = cpuTicks(postgresPids());
+  let generatorGc = 0;
+  const gc = new PerformanceObserver((list) => {
+    for (const entry of list.getEntries()) generatorGc = Math.max(generatorGc, entry.duration);
+  });
+  gc.observe({ entryTypes: ['gc'] });
   return {
-    end() {
+    async end() {
       const used = process.cpuUsage(usage);
-      return {
+      const cpu = {
         generator: (used.user + used.system) / 1e6,
         server: cpuSecondsSince(server),
         postgres: cpuSecondsSince(postgres),
       };
+      gc.disconnect();
+      const serverLoop = await serverLoopMaxMs(baseUrl);
+      return { cpu, stalls: { generatorGc, serverLoop: serverLoop ?? 0 } };
     },
   };
 }
@@ -276,7 +305,9 @@ async function main(): Promise<void> {
   measureFrom = start + (config.rampMs ?? 0);
   let measuredFrom = Number.POSITIVE_INFINITY;
   let window: ReturnType<typeof cpuWindow> | undefined;
-  const windowTimer = setTimeout(() => (window = cpuWindow(config.serverPid)), config.rampMs ?? 0);
+  const windowTimer = setTimeout(() => {
+    window = cpuWindow(config.baseUrl, config.serverPid);
+  }, config.rampMs ?? 0);
   const send = async (index: number, scheduledAt: number): Promise<void> => {
     const measured = scheduledAt >= measureFrom;
     if (measured && scheduledAt < measuredFrom) measuredFrom = scheduledAt;
@@ -344,7 +375,7 @@ async function main(): Promise<void> {
   }
   const seconds = (performance.now() - Math.min(measuredFrom, performance.now())) / 1000;
   clearTimeout(windowTimer);
-  const windowCpuSeconds = window?.end();
+  const windowFigures = await (await window)?.end();
   const stream = transport.stream?.();
   await transport.close();
   const result: LoadResult = {
@@ -362,7 +393,7 @@ async function main(): Promise<void> {
     ...(config.keepLatencies ? { latencies } : {}),
     generatorLoopDelayMs: { p99: loopDelay.percentile(99) / 1e6, max: loopDelay.max / 1e6 },
     generatorCpuSeconds: (process.cpuUsage().user + process.cpuUsage().system) / 1e6,
-    ...(windowCpuSeconds ? { windowCpuSeconds } : {}),
+    ...(windowFigures ? { windowCpuSeconds: windowFigures.cpu, windowStallsMs: windowFigures.stalls } : {}),
     ...(stream ? { stream } : {}),
   };
   process.stdout.write(`${JSON.stringify({ event: 'result', result })}\n`);

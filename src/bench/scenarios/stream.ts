@@ -38,6 +38,11 @@ function figuresOf(runs: LoadResult[]) {
     postgresCpuUsPerReport: round((windowCpu('postgres') * 1e6) / pooled.requests, 1),
     generatorCpuUsPerReport: round((windowCpu('generator') * 1e6) / pooled.requests, 1),
     streamsOpened: runs.reduce((total, run) => total + (run.stream?.streamsOpened ?? 0), 0),
+    /** The longest stalls over the runs' measured windows, ms: the server's event loop, the generator's GC. */
+    stallsMs: {
+      serverLoop: round(Math.max(0, ...runs.map((run) => run.windowStallsMs?.serverLoop ?? 0)), 1),
+      generatorGc: round(Math.max(0, ...runs.map((run) => run.windowStallsMs?.generatorGc ?? 0)), 1),
+    },
   };
 }
 
@@ -231,6 +236,13 @@ function rows(s: Figures): string[][] {
       '',
     ],
     ['  keys dropped, errors', drops(steady.stream), drops(steady.post), '', ''],
+    [
+      '  longest stall ms: server loop / generator GC',
+      `${steady.stream.stallsMs.serverLoop} / ${steady.stream.stallsMs.generatorGc}`,
+      `${steady.post.stallsMs.serverLoop} / ${steady.post.stallsMs.generatorGc}`,
+      '',
+      '',
+    ],
   ];
 }
 
