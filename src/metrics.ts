@@ -2,6 +2,12 @@
 // and help texts, under the `metabatch_` prefix) plus the ones a service that
 // keeps failed batches needs. One instance per registry; tests use a fresh
 // Registry each.
+//
+// Longer than our other files: the metric families of ingest, the batcher,
+// the watch hub and the stream are declared here together (the background
+// processes' are in background.ts, the pool's in database.ts), each with its
+// help text, so that /metrics, the dashboard and the README have few places
+// to agree with.
 
 import { Counter, Gauge, Histogram, type Registry } from 'prom-client';
 

@@ -9,6 +9,12 @@
 // as every retry of metabatch does (backoff.ts, `DEFAULTS.reconnect`) and
 // never give up; a token the service refuses (401, 403, close code 4001)
 // stops the reporter for good.
+//
+// Longer than our other files on purpose: the reporter is one loop with one
+// send in flight, and every way a send ends (an answer, keys dropped, a bad
+// answer, a close code, a timeout, an abort, over the stream or by POST)
+// settles the same held keys. Kept in one class, each of those paths can be
+// checked against the others in one read.
 
 import http from 'node:http';
 import https from 'node:https';

@@ -11,6 +11,10 @@
 // nobody watches are never read. A slow client holds at most the newest
 // event per agent it watches (older ones are dropped and counted), so its
 // buffer is bounded by what it watches, never by time.
+//
+// Longer than our other files: the hub (subscriptions, the tick's one read,
+// resync) and the per-stream state it writes into share their bookkeeping,
+// and split apart each would need the other's internals.
 
 import type { Logger } from 'pino';
 import { uncounted, type BackgroundRunner } from './background.js';

@@ -70,7 +70,7 @@ interface Step {
   /** CPU cores used over the measured window: the server, Postgres, the load generator. */
   cores: { server: number; postgres: number; generator: number };
   /** The longest stalls of the measured window, ms: the server's event loop, the generator's GC. */
-  stallsMs: { serverLoop: number; generatorGc: number };
+  stallsMs: { serverLoop: number | undefined; generatorGc: number };
   sustained: boolean;
   /** The first criterion it failed, when not sustained. */
   failed?: string;
@@ -100,7 +100,7 @@ function stepOf(fleet: number, run: LoadResult): Step {
     keysDropped: run.keysDropped,
     cores: { server: cores('server'), postgres: cores('postgres'), generator: cores('generator') },
     stallsMs: {
-      serverLoop: round(run.windowStallsMs?.serverLoop ?? 0, 1),
+      serverLoop: run.windowStallsMs?.serverLoop === undefined ? undefined : round(run.windowStallsMs.serverLoop, 1),
       generatorGc: round(run.windowStallsMs?.generatorGc ?? 0, 1),
     },
     sustained: failed === undefined,
@@ -251,7 +251,7 @@ function rows(c: Figures): string[][] {
       ],
       [
         '    longest stall there ms: server loop / generator GC',
-        `${best.stallsMs.serverLoop} / ${best.stallsMs.generatorGc}`,
+        `${best.stallsMs.serverLoop ?? '-'} / ${best.stallsMs.generatorGc}`,
         '',
         '',
         '',
