@@ -12,6 +12,7 @@ import net from 'node:net';
 import type { AddressInfo } from 'node:net';
 import Fastify from 'fastify';
 import { afterEach, describe, expect, it, vi } from 'vitest';
+import { WebSocketServer, type WebSocket } from 'ws';
 import { createReporter, type Reporter, type ReporterError, type ReporterOptions } from '../src/client.js';
 import { closedAfterEach, testDatabase } from './support/db.js';
 import { lockRows, waitForBlockedUpdate } from './support/faults.js';
@@ -313,6 +314,53 @@ describe('createReporter()', () => {
     } finally {
       await Promise.all(reporters.splice(0).map((r) => r.close()));
       await second?.close();
+    }
+  });
+
+  it('gives up on a stream that does not answer within requestTimeoutMs, or answers out of turn, and sends the same keys on a new one', async () => {
+    // A service of the test's own: its first stream never answers, its
+    // second answers with a seq nobody sent, its third answers properly.
+    const server = new WebSocketServer({ host: '127.0.0.1', port: 0 });
+    await new Promise<void>((resolve) => server.once('listening', resolve));
+    const received: { stream: number; metadata: { key: string; value: string }[] }[] = [];
+    let streams = 0;
+    server.on('connection', (socket: WebSocket) => {
+      const stream = ++streams;
+      socket.on('message', (data: Buffer) => {
+        const message = JSON.parse(data.toString()) as { seq: number; metadata: { key: string; value: string }[] };
+        received.push({ stream, metadata: message.metadata });
+        if (stream === 2) socket.send(JSON.stringify({ seq: message.seq + 1000, accepted: 1, dropped: 0 }));
+        if (stream === 3) {
+          socket.send(JSON.stringify({ seq: message.seq, accepted: message.metadata.length, dropped: 0 }));
+        }
+      });
+    });
+    try {
+      const errors: ReporterError[] = [];
+      const r = reporter({
+        url: `http://127.0.0.1:${(server.address() as AddressInfo).port}`,
+        agentId: '00000000-0000-4000-8000-000000000001',
+        token: 'mbt_test',
+        requestTimeoutMs: 200,
+        reconnect: { initialMs: 5, maxMs: 20 },
+        onError: (err) => errors.push(err),
+      });
+      r.report({ cpu: '1', mem: '2' });
+      await r.flush();
+      expect(errors.map((err) => err.message)).toEqual([
+        'no answer on the stream within 200 ms',
+        expect.stringMatching(/^unexpected answer on the stream \(seq 10\d\d\)/),
+      ]);
+      expect(errors.every((err) => !err.fatal)).toBe(true);
+      // The same keys, with the same values, on each stream in turn; taken by the third.
+      const sent = (stream: number) => received.filter((m) => m.stream === stream).flatMap((m) => m.metadata);
+      for (const stream of [1, 2, 3]) {
+        expect(sent(stream).map(({ key, value }) => `${key}=${value}`)).toEqual(['cpu=1', 'mem=2']);
+      }
+      expect(r.stats()).toMatchObject({ transport: 'stream', streamsOpened: 3, acceptedKeys: 2, heldKeys: 0 });
+    } finally {
+      await Promise.all(reporters.splice(0).map((r) => r.close()));
+      await new Promise<void>((resolve) => server.close(() => resolve()));
     }
   });
 
