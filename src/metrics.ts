@@ -267,6 +267,8 @@ export class StreamMetrics {
   reports = 0;
   /** Messages answered with an error (nothing applied). */
   invalid = 0;
+  /** Times a stream stopped reading: its client left over 1 MiB of answers unread. */
+  paused = 0;
   private readonly rejectedTotal: Counter<'reason'>;
   private readonly closedTotal: Counter<'code'>;
   private source: { connections(): number } | undefined;
@@ -293,6 +295,20 @@ export class StreamMetrics {
         const now = reportsNow();
         if (now > reportsSeen) this.inc(now - reportsSeen);
         reportsSeen = now;
+      },
+    });
+    let pausedSeen = 0;
+    const pausedNow = () => this.paused;
+    new Counter({
+      name: 'metabatch_stream_paused_total',
+      help:
+        'Times a WebSocket ingest stream stopped reading its client’s reports because the client left over ' +
+        '1 MiB of answers unread (it reads again once they drain).',
+      registers,
+      collect() {
+        const now = pausedNow();
+        if (now > pausedSeen) this.inc(now - pausedSeen);
+        pausedSeen = now;
       },
     });
     let invalidSeen = 0;

@@ -492,6 +492,7 @@ describe('bounds', () => {
     }
     expect(handled).toBeGreaterThan(0);
     expect(handled).toBeLessThan(count);
+    expect(await h.metric('metabatch_stream_paused_total')).toBeGreaterThanOrEqual(1);
     // Reading again: every report is answered, in order.
     stream.ws.resume();
     await stream.until(() => stream.answers.length === count);

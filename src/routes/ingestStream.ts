@@ -263,6 +263,7 @@ export class IngestStream implements RevocableStream {
     this.socket.send(text);
     if (!this.paused && !this.shuttingDown && !this.closing && this.socket.bufferedAmount > BACKPRESSURE_BYTES) {
       this.paused = true;
+      this.context.metrics.paused++;
       this.socket.pause();
       this.tcp.once('drain', this.onDrain);
     }
