@@ -258,7 +258,8 @@ export type StreamRejectReason = (typeof STREAM_REJECT_REASONS)[number];
 const STREAM_CLOSE_CODES = new Set([1000, 1001, 1002, 1003, 1005, 1006, 1007, 1008, 1009, 1011, 1013, 4001]);
 
 /**
- * The WebSocket ingest streams (src/routes/stream.ts). The per-message
+ * The WebSocket ingest streams (src/routes/stream.ts, each connection
+ * src/routes/ingestStream.ts). The per-message
  * counts are plain numbers the stream adds to and the counters read at
  * scrape time: no prom-client call (nor its label hashing) per message.
  */

@@ -4,7 +4,8 @@
 // instance and the value, and a runbook_url at its README anchor; the unit
 // tests show every alert firing on a failing series and silent on a healthy
 // one beside it; and every metric an alert reads is exposed by a real
-// service's /metrics. The promtool checks are skipped, saying how to install
+// service's /metrics (but `up`, which Prometheus itself records for each
+// scrape target). The promtool checks are skipped, saying how to install
 // it, where promtool is missing.
 
 import fs from 'node:fs';

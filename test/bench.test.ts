@@ -79,18 +79,20 @@ describe('metabatch bench --quick', () => {
     }
     expect(closed.stream.ratio).toBeGreaterThan(0);
     expect(closed.ws.ratio).toBeGreaterThan(0);
-    // Under the steady load every agent reported over a stream of its own (no POST fallback), and was timed.
+    // Under the steady load every agent reported over a stream of its own (no POST fallback), and every key it
+    // sent was taken in the end (the reporter sends dropped keys again).
     expect(streamSteady.stream.streamsOpened).toBeGreaterThanOrEqual(streamSteady.agents);
-    expect(streamSteady.stream.latencyMs.count).toBe(streamSteady.stream.requests);
-    expect(streamSteady.post.latencyMs.count).toBe(streamSteady.post.requests);
-    // The capacity search: each mode tried fleets, and its largest is one it sustained.
-    expect(report.capacity.criterion).toEqual({ p99Ms: 50, errors: 0, droppedKeys: 0 });
+    expect(streamSteady.stream.requests).toBeGreaterThan(0);
+    expect(streamSteady.stream.keysAccepted).toBe(streamSteady.stream.keysSent);
+    // The capacity search: each mode tried fleets, each step judged by the criterion's figures.
     for (const mode of ['post', 'stream', 'naive']) {
-      const { steps, largest } = report.capacity[mode];
+      const { steps } = report.capacity[mode];
       expect(steps.length).toBeGreaterThan(0);
-      for (const step of steps) expect(typeof step.sustained).toBe('boolean');
-      if (largest) expect(steps).toContainEqual(largest);
-      if (largest) expect(largest.sustained).toBe(true);
+      for (const step of steps) {
+        const met = step.p99Ms <= 50 && step.errors === 0 && step.keysDropped === 0 && step.refusedReports === 0;
+        expect(step.sustained, JSON.stringify(step)).toBe(met);
+        expect(step.refusedReports).toBeGreaterThanOrEqual(0);
+      }
     }
   }, 180_000);
 });

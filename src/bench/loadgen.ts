@@ -8,7 +8,8 @@ import { readFileSync } from 'node:fs';
 import { monitorEventLoopDelay, PerformanceObserver } from 'node:perf_hooks';
 import { cpuSecondsSince, cpuTicks, postgresPids } from './cpu.js';
 import { summarize, type Summary } from './stats.js';
-import { postTransport, streamTransport, wsTransport, type Agent } from './transports.js';
+import type { Agent } from './context.js';
+import { postTransport, streamTransport, wsTransport } from './transports.js';
 
 export interface LoadConfig {
   baseUrl: string;

@@ -6,6 +6,7 @@
 import { Pool } from 'undici';
 import WebSocket from 'ws';
 import { createReporter, type Reporter } from '../reporter.js';
+import type { Agent } from './context.js';
 
 /** What a transport needs of the load's configuration (LoadConfig). */
 export interface TransportConfig {
@@ -13,11 +14,6 @@ export interface TransportConfig {
   keys: string[];
   /** POST: the connections shared by every agent. */
   concurrency: number;
-}
-
-export interface Agent {
-  id: string;
-  token: string;
 }
 
 /** Streams opened at a time before the load starts. */
@@ -95,7 +91,10 @@ export function streamTransport(config: TransportConfig, agents: Agent[], onFail
       const reporter = reporters[index]!;
       const values: Record<string, string> = {};
       for (let k = 0; k < config.keys.length; k++) values[config.keys[k]!] = `${round}-${k}`;
-      // One report in flight per reporter: what its counters add meanwhile is this report's.
+      // One report in flight per reporter: what its counters add meanwhile is
+      // this report's. (In open mode, a report slower than the interval
+      // overlaps the agent's next: the two merge in the reporter and both
+      // count the same answers. Only runs that already fail are that slow.)
       const before = reporter.stats();
       reporter.report(values);
       await reporter.flush();
@@ -158,9 +157,13 @@ export function wsTransport(config: TransportConfig, agents: Agent[]): Transport
       let opening = sockets.get(index);
       if (!opening) sockets.set(index, (opening = open(agents[index]!)));
       const socket = await opening;
+      // Closed (the service stopped, or cut it off): ws would drop the message and no answer would come.
+      if (socket.ws.readyState !== WebSocket.OPEN) throw new Error('stream closed');
       return new Promise<Answer>((resolve, reject) => {
         socket.waiting.push({ resolve, reject });
-        socket.ws.send(`{"seq":${seq++},${metadataOf(config.keys, round)}}`);
+        socket.ws.send(`{"seq":${seq++},${metadataOf(config.keys, round)}}`, (err) => {
+          if (err) reject(err);
+        });
       });
     },
     async close() {

@@ -4,6 +4,11 @@
 // back while its answers go unread, and closes as the protocol says. The
 // per-message path allocates nothing beyond the parse, the report's arrays
 // and its answer: no closure, no log line, no prom-client call.
+//
+// Just over 300 lines: one class whose states (reading, paused for unread
+// answers, busy with an asynchronous sink, shutting down, closed) all guard
+// the same queue of messages, kept together so each path can be checked
+// against the others.
 
 import type { Socket } from 'node:net';
 import type { FastifyBaseLogger, FastifyRequest } from 'fastify';
@@ -284,7 +289,7 @@ export class IngestStream implements RevocableStream {
 
 /**
  * The close code ws closes a stream with after one of its protocol errors
- * (\`WS_ERR_*\`): 1009 a message over maxPayload, 1007 invalid UTF-8, 1002 a
+ * (`WS_ERR_*`): 1009 a message over maxPayload, 1007 invalid UTF-8, 1002 a
  * bad frame; undefined for any other error.
  */
 export function protocolCloseCode(error: Error): number | undefined {

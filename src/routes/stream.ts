@@ -102,7 +102,8 @@ from a revoked one (connect again).
 A stream that answers no ping (sent every 30 s) within 30 s, and sends nothing meanwhile, is cut off.
 
 **Backpressure.** While the client leaves over 1 MiB of answers unread, the service reads no more of its
-messages until they drain.`;
+messages until they drain; its pongs wait behind them too, so a client that leaves its answers unread for a
+whole ping period is cut off.`;
 
 export const streamRoutes: FastifyPluginAsyncTypebox<StreamRoutesOptions> = async (app, options) => {
   const { sink, authenticate, clock, streams, metrics, upgradeIdleMs } = options;

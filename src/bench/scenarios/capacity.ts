@@ -77,7 +77,11 @@ interface Step {
 }
 
 function stepOf(fleet: number, run: LoadResult): Step {
-  const refusedReports = run.requests - (run.statuses['202'] ?? 0) - run.errors;
+  // Answered, but not 202 (over the stream: some keys dropped). Reports with no answer are in `errors`.
+  const refusedReports = Object.entries(run.statuses).reduce(
+    (n, [status, count]) => (status === '202' ? n : n + count),
+    0,
+  );
   const failed =
     run.errors > 0
       ? `${fmt(run.errors)} errors`
