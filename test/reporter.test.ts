@@ -439,13 +439,29 @@ describe('createReporter()', () => {
     await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
     const { port } = server.address() as AddressInfo;
     await new Promise<void>((resolve) => server.close(() => resolve()));
-    const timers = () => process.getActiveResourcesInfo().filter((r) => r === 'Timeout').length;
-    const before = timers();
+    // The real timers, counted: the reporter's own must all be gone after close().
+    const live = new Set<unknown>();
+    const clock = {
+      Date,
+      setTimeout(callback: () => void, ms: number): unknown {
+        const handle = setTimeout(() => {
+          live.delete(handle);
+          callback();
+        }, ms);
+        live.add(handle);
+        return handle;
+      },
+      clearTimeout(handle: unknown): void {
+        live.delete(handle);
+        clearTimeout(handle as NodeJS.Timeout);
+      },
+    };
     const errors: ReporterError[] = [];
     const r = createReporter({
       url: `http://127.0.0.1:${port}`,
       agentId: '123e4567-e89b-12d3-a456-426614174000',
       token: 'mbt_x',
+      clock,
       closeTimeoutMs: 50,
       reconnect: { initialMs: 5, maxMs: 10 },
       onError: (err) => errors.push(err),
@@ -454,7 +470,7 @@ describe('createReporter()', () => {
     expect(await r.close()).toEqual({ flushed: false, discardedKeys: 2 });
     expect(errors.length).toBeGreaterThan(0);
     expect(errors[0]!.message).toMatch(/cannot reach metabatch: .*ECONNREFUSED/);
-    expect(timers()).toBe(before);
+    expect(live.size).toBe(0);
   });
 
   it('holds at most maxKeys distinct keys (refusing and counting new ones), and refuses keys the service would', async () => {
