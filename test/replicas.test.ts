@@ -6,14 +6,11 @@
 // the others keep answering, and every value answered 202 by any of them is
 // in the table.
 
-import fs from 'node:fs/promises';
-import os from 'node:os';
-import path from 'node:path';
-import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
+import { beforeAll, describe, expect, it, vi } from 'vitest';
 import { provisionAgents, type ProvisionedAgent } from '../src/provision.js';
 import { testDatabase } from './support/db.js';
-import { CLI, freePort, run, type Spawned } from './support/process.js';
 import { seededRandom } from './support/random.js';
+import { replicasOf, type Replica } from './support/replicas.js';
 
 const db = testDatabase();
 const ADMIN = 'replicas-test-admin-token';
@@ -22,40 +19,18 @@ const FLUSH_INTERVAL_MS = 500;
 const FLUSH_JITTER = 0.1;
 const KEYS = Array.from({ length: 10 }, (_, i) => `k${i}`);
 
-interface Replica {
-  name: string;
-  service: Spawned;
-  base: string;
-}
-
-let dataDir: string;
-const replicas: Replica[] = [];
+const replicas = replicasOf(db, ['a', 'b', 'c'], {
+  ADMIN_TOKEN: ADMIN,
+  FLUSH_INTERVAL_MS: String(FLUSH_INTERVAL_MS),
+  FLUSH_JITTER: String(FLUSH_JITTER),
+  BATCH_SIZE: '50',
+  LOG_LEVEL: 'info',
+});
 let agents: ProvisionedAgent[];
 const random = seededRandom(20261124);
 
 beforeAll(async () => {
-  dataDir = await fs.mkdtemp(path.join(os.tmpdir(), 'metabatch-replicas-'));
   agents = await provisionAgents(db.pool, 30, KEYS, 'replicated');
-  for (const name of ['a', 'b', 'c']) {
-    const port = await freePort();
-    const service = run('node', [CLI, 'serve'], {
-      DATABASE_URL: db.url,
-      DATA_DIR: path.join(dataDir, name),
-      PORT: String(port),
-      ADMIN_TOKEN: ADMIN,
-      FLUSH_INTERVAL_MS: String(FLUSH_INTERVAL_MS),
-      FLUSH_JITTER: String(FLUSH_JITTER),
-      BATCH_SIZE: '50',
-      LOG_LEVEL: 'info',
-    });
-    replicas.push({ name, service, base: `http://127.0.0.1:${port}` });
-  }
-  await Promise.all(replicas.map((r) => r.service.waitFor(/metabatch listening on/, 60_000)));
-}, 90_000);
-afterAll(async () => {
-  for (const { service } of replicas) if (service.child.exitCode === null) service.child.kill('SIGTERM');
-  await Promise.all(replicas.map((r) => r.service.exited));
-  await fs.rm(dataDir, { recursive: true, force: true });
 });
 
 const pick = <T>(list: readonly T[]): T => list[Math.floor(random() * list.length)]!;

@@ -3,50 +3,19 @@
 // second (the control NOTIFY), and an agent created on one is accepted on the
 // other within a second even if that one had just refused its token.
 
-import fs from 'node:fs/promises';
-import os from 'node:os';
-import path from 'node:path';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { beforeAll, describe, expect, it } from 'vitest';
 import { CONTROL_CHANNEL } from '../src/control.js';
 import { hashToken } from '../src/tokens.js';
 import { testDatabase } from './support/db.js';
-import { CLI, freePort, run, type Spawned } from './support/process.js';
+import { call, replicasOf } from './support/replicas.js';
 
 const db = testDatabase();
 const ADMIN = 'revocation-test-admin-token';
-let dataDir: string;
-const replicas: { service: Spawned; base: string }[] = [];
+const replicas = replicasOf(db, ['a', 'b'], { ADMIN_TOKEN: ADMIN, LOG_LEVEL: 'info' });
 
 beforeAll(async () => {
-  dataDir = await fs.mkdtemp(path.join(os.tmpdir(), 'metabatch-replicas-'));
-  for (const name of ['a', 'b']) {
-    const port = await freePort();
-    const service = run('node', [CLI, 'serve'], {
-      DATABASE_URL: db.url,
-      DATA_DIR: path.join(dataDir, name),
-      PORT: String(port),
-      ADMIN_TOKEN: ADMIN,
-      LOG_LEVEL: 'info',
-    });
-    replicas.push({ service, base: `http://127.0.0.1:${port}` });
-  }
-  await Promise.all(replicas.map((r) => r.service.waitFor(/metabatch listening on/, 60_000)));
   for (const { base } of replicas) expect((await fetch(`${base}/readyz`)).status).toBe(200);
-}, 90_000);
-afterAll(async () => {
-  for (const { service } of replicas) service.child.kill('SIGTERM');
-  await Promise.all(replicas.map((r) => r.service.exited));
-  await fs.rm(dataDir, { recursive: true, force: true });
 });
-
-async function call(base: string, method: string, url: string, token: string, body?: unknown) {
-  const res = await fetch(`${base}${url}`, {
-    method,
-    headers: { authorization: `Bearer ${token}`, ...(body ? { 'content-type': 'application/json' } : {}) },
-    ...(body ? { body: JSON.stringify(body) } : {}),
-  });
-  return { status: res.status, body: res.status === 204 ? undefined : ((await res.json()) as Record<string, string>) };
-}
 
 const report = (base: string, id: string, token: string) =>
   call(base, 'POST', `/v1/agents/${id}/metadata`, token, { metadata: [{ key: 'cpu', value: '1%' }] });

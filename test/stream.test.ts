@@ -6,12 +6,9 @@
 // backpressure, idle), shutdown, revocation on this replica and on another
 // one, and generated messages.
 
-import fs from 'node:fs/promises';
 import net from 'node:net';
-import os from 'node:os';
-import path from 'node:path';
 import fc from 'fast-check';
-import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from 'vitest';
+import { afterEach, describe, expect, it, vi } from 'vitest';
 import WebSocket from 'ws';
 import { provisionAgents } from '../src/provision.js';
 import { MAX_MESSAGE_BYTES, PING_INTERVAL_MS, PING_SLOTS } from '../src/routes/stream.js';
@@ -19,7 +16,7 @@ import { ReportMetadata } from '../src/schemas.js';
 import { MAX_STREAMS_PER_AGENT, StreamRegistry } from '../src/streams.js';
 import { closedAfterEach, testDatabase } from './support/db.js';
 import { lockRows, outage, waitForBlockedUpdate } from './support/faults.js';
-import { CLI, freePort, run, type Spawned } from './support/process.js';
+import { call, replicasOf } from './support/replicas.js';
 import { ADMIN_TOKEN, startTestService, type ServiceHarness } from './support/service.js';
 
 const db = testDatabase();
@@ -693,55 +690,26 @@ describe('revocation on this replica', () => {
 
 describe('revocation across replicas', () => {
   const ADMIN = 'stream-revocation-admin-token';
-  let dataDir: string;
-  const replicas: { service: Spawned; base: string }[] = [];
-
-  beforeAll(async () => {
-    dataDir = await fs.mkdtemp(path.join(os.tmpdir(), 'metabatch-stream-replicas-'));
-    for (const name of ['a', 'b']) {
-      const port = await freePort();
-      const service = run('node', [CLI, 'serve'], {
-        DATABASE_URL: db.url,
-        DATA_DIR: path.join(dataDir, name),
-        PORT: String(port),
-        ADMIN_TOKEN: ADMIN,
-        LOG_LEVEL: 'info',
-      });
-      replicas.push({ service, base: `http://127.0.0.1:${port}` });
-    }
-    await Promise.all(replicas.map((r) => r.service.waitFor(/metabatch listening on/, 60_000)));
-  }, 90_000);
-  afterAll(async () => {
-    for (const { service } of replicas) service.child.kill('SIGTERM');
-    await Promise.all(replicas.map((r) => r.service.exited));
-    await fs.rm(dataDir, { recursive: true, force: true });
-  });
-
-  async function call(base: string, method: string, url: string, body?: unknown) {
-    const res = await fetch(`${base}${url}`, {
-      method,
-      headers: { ...bearer(ADMIN), ...(body ? { 'content-type': 'application/json' } : {}) },
-      ...(body ? { body: JSON.stringify(body) } : {}),
-    });
-    return { status: res.status, body: res.status === 204 ? {} : ((await res.json()) as Record<string, string>) };
-  }
+  const replicas = replicasOf(db, ['a', 'b'], { ADMIN_TOKEN: ADMIN, LOG_LEVEL: 'info' });
 
   it('closes the other replica’s streams within a second of a rotation and of a deletion', async () => {
     const [a, b] = replicas as [(typeof replicas)[0], (typeof replicas)[0]];
-    const created = (await call(a.base, 'POST', '/v1/agents', { name: 'streaming' })).body;
-    await call(a.base, 'PUT', `/v1/agents/${created.id}/metadata-definitions`, { definitions: [{ key: 'cpu' }] });
+    const created = (await call(a.base, 'POST', '/v1/agents', ADMIN, { name: 'streaming' })).body!;
+    await call(a.base, 'PUT', `/v1/agents/${created.id}/metadata-definitions`, ADMIN, {
+      definitions: [{ key: 'cpu' }],
+    });
     const first = await open(b.base, created.id!, created.token!);
     expect(await first.report({ seq: 1, metadata: [{ key: 'cpu', value: '1' }] })).toMatchObject({ accepted: 1 });
 
     const rotatedAt = Date.now();
-    const rotated = (await call(a.base, 'POST', `/v1/agents/${created.id}/token`)).body;
+    const rotated = (await call(a.base, 'POST', `/v1/agents/${created.id}/token`, ADMIN)).body!;
     expect(await first.closed).toEqual({ code: 4001, reason: 'token revoked' });
     expect(Date.now() - rotatedAt).toBeLessThan(1000);
 
     const second = await open(b.base, created.id!, rotated.token!);
     expect(await second.report({ seq: 2, metadata: [{ key: 'cpu', value: '2' }] })).toMatchObject({ accepted: 1 });
     const deletedAt = Date.now();
-    expect((await call(a.base, 'DELETE', `/v1/agents/${created.id}`)).status).toBe(204);
+    expect((await call(a.base, 'DELETE', `/v1/agents/${created.id}`, ADMIN)).status).toBe(204);
     expect(await second.closed).toEqual({ code: 4001, reason: 'token revoked' });
     expect(Date.now() - deletedAt).toBeLessThan(1000);
   });
