@@ -9,26 +9,12 @@ import { BODY_LIMIT_BYTES } from '../src/limits.js';
 import { provisionAgents } from '../src/provision.js';
 import { closedAfterEach, testDatabase } from './support/db.js';
 import { failUpdates, lockRows, outage, waitForBlockedUpdate } from './support/faults.js';
-import { ADMIN_TOKEN, startTestService, type ServiceHarness } from './support/service.js';
+import { ADMIN_TOKEN, startTestService } from './support/service.js';
 
 const db = testDatabase();
 const appHarness = closedAfterEach((options: Parameters<typeof startTestService>[1] = {}) =>
   startTestService(db, options),
 );
-
-async function stored(
-  h: ServiceHarness,
-  agentId: string,
-): Promise<Record<string, { value: string; error: string; collected_at: string }>> {
-  const res = await h.app.inject({
-    url: `/v1/agents/${agentId}/metadata`,
-    headers: { authorization: `Bearer ${ADMIN_TOKEN}` },
-  });
-  expect(res.statusCode).toBe(200);
-  return Object.fromEntries(
-    res.json<{ key: string; value: string; error: string; collected_at: string }[]>().map((r) => [r.key, r]),
-  );
-}
 
 describe('POST /v1/agents/{id}/metadata', () => {
   it('answers 202 with the counts, and the values reach the table at the next flush', async () => {
@@ -44,7 +30,7 @@ describe('POST /v1/agents/{id}/metadata', () => {
     expect(res.json()).toEqual({ accepted: 2, dropped: 0 });
     const postedAt = h.clock.now;
     await h.advance(5000);
-    const rows = await stored(h, id);
+    const rows = await h.stored(id);
     expect(rows.cpu).toMatchObject({ value: '12%', error: '', collected_at: '2026-11-22T23:59:00.000Z' });
     // No collected_at: the server's time.
     expect(rows.mem!.collected_at).toBe(new Date(postedAt).toISOString());
@@ -124,7 +110,7 @@ describe('POST /v1/agents/{id}/metadata', () => {
         .statusCode,
     ).toBe(202);
     await h.advance(5000);
-    expect((await stored(h, id)).cpu!.collected_at).toBe(new Date(h.clock.now - 5000).toISOString());
+    expect((await h.stored(id)).cpu!.collected_at).toBe(new Date(h.clock.now - 5000).toISOString());
   });
 
   it('answers 401 without a token or with a wrong one, 403 with another agent’s token, and applies nothing', async () => {
@@ -145,7 +131,7 @@ describe('POST /v1/agents/{id}/metadata', () => {
     expect(admin.statusCode).toBe(401);
     await h.advance(5000);
     expect(await h.metric('metabatch_metadata_batches_total', { reason: 'scheduled' })).toBe(0);
-    expect((await stored(h, a.id)).cpu!.value).toBe('');
+    expect((await h.stored(a.id)).cpu!.value).toBe('');
   });
 
   it.each([
@@ -238,7 +224,7 @@ describe('POST /v1/agents/{id}/metadata', () => {
     expect(res.headers['retry-after']).toBe('1');
     await release();
     await h.service.batcher.idle();
-    const rows = await stored(h, id);
+    const rows = await h.stored(id);
     expect([rows.cpu!.value, rows.mem!.value, rows.disk!.value]).toEqual(['1', '2', '']);
     expect(await h.metric('metabatch_metadata_dropped_keys_total')).toBe(1);
   });
@@ -258,7 +244,7 @@ describe('POST /v1/agents/{id}/metadata', () => {
       });
       expect(res.statusCode).toBe(202);
       await h.advance(5000);
-      const rows = await stored(h, id);
+      const rows = await h.stored(id);
       expect(rows.v2048).toMatchObject({ value: 'a'.repeat(2048), error: '' });
       expect(rows.v2049).toMatchObject({ value: 'a'.repeat(2048), error: 'value of 2049 bytes exceeded 2048 bytes' });
       expect(rows.e2048).toMatchObject({ value: '', error: 'a'.repeat(2048) });
@@ -275,7 +261,7 @@ describe('POST /v1/agents/{id}/metadata', () => {
       const value = 'x' + '€'.repeat(682) + 'é' + 'tail';
       expect((await h.post(id, token, { metadata: [{ key: 'utf8', value }] })).statusCode).toBe(202);
       await h.advance(5000);
-      const row = (await stored(h, id)).utf8!;
+      const row = (await h.stored(id)).utf8!;
       expect(row.value).toBe('x' + '€'.repeat(682));
       expect(Buffer.byteLength(row.value)).toBe(2047);
       expect(row.error).toBe(`value of ${Buffer.byteLength(value)} bytes exceeded 2048 bytes`);
@@ -303,7 +289,7 @@ describe('POST /v1/agents/{id}/metadata', () => {
       expect(over.statusCode).toBe(400);
       expect(over.json()).toEqual({ error: 'metadata keys of 6145 bytes exceeded 6144 bytes' });
       await h.advance(5000);
-      const rows = Object.values(await stored(h, agent.id));
+      const rows = Object.values(await h.stored(agent.id));
       expect(rows.filter((r) => r.value === 'w')).toHaveLength(0);
       expect(rows.filter((r) => r.value === 'v')).toHaveLength(48);
       expect(await h.metric('metabatch_metadata_flushed_total')).toBe(48);
@@ -314,7 +300,7 @@ describe('POST /v1/agents/{id}/metadata', () => {
       const { id, token } = await h.agent(['cpu']);
       await h.post(id, token, { metadata: [{ key: 'cpu', value: ' \t 12 %\n\n', error: '\n oops  here \t' }] });
       await h.advance(5000);
-      expect((await stored(h, id)).cpu).toMatchObject({ value: '12 %', error: 'oops  here' });
+      expect((await h.stored(id)).cpu).toMatchObject({ value: '12 %', error: 'oops  here' });
     });
 
     it('ignores and counts keys the agent never declared', async () => {
@@ -328,7 +314,7 @@ describe('POST /v1/agents/{id}/metadata', () => {
       });
       expect(res.json()).toEqual({ accepted: 2, dropped: 0 });
       await h.advance(5000);
-      expect(Object.keys(await stored(h, id))).toEqual(['cpu']);
+      expect(Object.keys(await h.stored(id))).toEqual(['cpu']);
       expect(await h.metric('metabatch_metadata_undeclared_keys_total')).toBe(1);
     });
   });
@@ -410,7 +396,7 @@ describe('admin API', () => {
         { key: 'cpu', display_name: 'CPU', script: '', interval: 10, timeout: 5, display_order: 1 },
       ],
     });
-    const rows = await stored(h, id);
+    const rows = await h.stored(id);
     expect(Object.keys(rows)).toEqual(['disk', 'cpu']);
     expect(rows.cpu!.value).toBe('12%');
   });
@@ -550,7 +536,7 @@ describe('health and metrics', () => {
     await h.advance(100);
     expect((await h.app.inject({ url: '/readyz' })).statusCode).toBe(200);
     expect(await h.metric('metabatch_metadata_flushes_failing')).toBe(0);
-    expect((await stored(h, id)).cpu!.value).toBe('1');
+    expect((await h.stored(id)).cpu!.value).toBe('1');
   });
 
   it('says the database is down while nothing flushes, in /readyz and metabatch_database_up alike', async () => {

@@ -47,20 +47,6 @@ function reporterOf(
   return reporter({ url: h.base, agentId: agent.id, token: agent.token, clock: h.clock, ...options });
 }
 
-async function stored(
-  h: ServiceHarness,
-  agentId: string,
-): Promise<Record<string, { value: string; error: string; collected_at: string }>> {
-  const res = await h.app.inject({
-    url: `/v1/agents/${agentId}/metadata`,
-    headers: { authorization: `Bearer ${ADMIN_TOKEN}` },
-  });
-  expect(res.statusCode).toBe(200);
-  return Object.fromEntries(
-    res.json<{ key: string; value: string; error: string; collected_at: string }[]>().map((r) => [r.key, r]),
-  );
-}
-
 interface FrontDoor {
   url: string;
   /** Upgrade requests seen (404ed, or let through). */
@@ -171,7 +157,7 @@ describe('createReporter()', () => {
       waitingUntil: undefined,
     });
     await h.advance(5000);
-    const rows = await stored(h, agent.id);
+    const rows = await h.stored(agent.id);
     expect(rows.cpu).toMatchObject({ value: '12%', error: '', collected_at: reportedAt });
     expect(rows.mem).toMatchObject({ value: '1G', error: '' });
     expect(rows.disk).toMatchObject({ value: '', error: 'df failed' });
@@ -182,7 +168,7 @@ describe('createReporter()', () => {
     r.report({ cpu: '13%' });
     await r.flush();
     await h.advance(5000);
-    expect((await stored(h, agent.id)).cpu).toMatchObject({
+    expect((await h.stored(agent.id)).cpu).toMatchObject({
       value: '13%',
       collected_at: new Date(h.clock.now - 5000).toISOString(),
     });
@@ -210,7 +196,7 @@ describe('createReporter()', () => {
     expect(errors[0]!.message).toMatch(/answered the stream's upgrade 404 .*reporting by POST/);
     expect(errors[0]).toMatchObject({ status: 404, fatal: false });
     await h.advance(5000);
-    expect((await stored(h, agent.id)).cpu!.value).toBe('1');
+    expect((await h.stored(agent.id)).cpu!.value).toBe('1');
 
     // Within streamRetryMs: POST, no new upgrade.
     h.clock.tick(30_000);
@@ -226,7 +212,7 @@ describe('createReporter()', () => {
     expect({ upgrades: door.upgrades, posts: door.posts }).toEqual({ upgrades: 2, posts: 2 });
     expect(r.stats()).toMatchObject({ transport: 'stream', streamsOpened: 1, acceptedKeys: 3 });
     await h.advance(5000);
-    expect((await stored(h, agent.id)).cpu!.value).toBe('3');
+    expect((await h.stored(agent.id)).cpu!.value).toBe('3');
     expect(errors).toHaveLength(1);
   });
 
@@ -275,7 +261,7 @@ describe('createReporter()', () => {
       h.clock.tick(1000);
       await flushed;
       await h.advance(5000);
-      const rows = await stored(h, agent.id);
+      const rows = await h.stored(agent.id);
       expect([rows.cpu!.value, rows.mem!.value, rows.disk!.value, rows.net!.value]).toEqual(['1', '2', '5', '4']);
       expect(r.stats()).toMatchObject({ heldKeys: 0, refusedReports: 0 });
     },
@@ -310,7 +296,7 @@ describe('createReporter()', () => {
       await r.flush();
       expect(r.stats()).toMatchObject({ transport: 'stream', streamsOpened: 2, heldKeys: 0 });
       await second.advance(5000);
-      expect((await stored(second, agent.id)).cpu!.value).toBe('2');
+      expect((await second.stored(agent.id)).cpu!.value).toBe('2');
       expect(errors.every((err) => !err.fatal)).toBe(true);
     } finally {
       await Promise.all(reporters.splice(0).map((r) => r.close()));
@@ -429,7 +415,7 @@ describe('createReporter()', () => {
     expect(() => r.report({ cpu: '3' })).toThrow(/reporter is closed/);
     await vi.waitFor(async () => expect(await h.metric('metabatch_stream_connections')).toBe(0));
     await h.advance(5000);
-    const rows = await stored(h, agent.id);
+    const rows = await h.stored(agent.id);
     expect([rows.cpu!.value, rows.mem!.value]).toEqual(['1', '2']);
   });
 
@@ -492,7 +478,7 @@ describe('createReporter()', () => {
     r.report({ c: 'é'.repeat(1100) });
     await r.flush();
     await h.advance(5000);
-    const rows = await stored(h, agent.id);
+    const rows = await h.stored(agent.id);
     expect([rows.a!.value, rows.b!.value, rows.c!.value]).toEqual(['2', '1', 'é'.repeat(1024)]);
     expect(rows.c!.error).toBe('value of 2200 bytes exceeded 2048 bytes');
   });
@@ -511,7 +497,7 @@ describe('createReporter()', () => {
     // The refused message, then the same keys in messages of half its size (24 + 24 + 2 keys).
     expect(r.stats()).toMatchObject({ acceptedKeys: 50, refusedReports: 0, streamsOpened: 2, sent: 4 });
     await h.advance(5000);
-    const rows = await stored(h, agent.id);
+    const rows = await h.stored(agent.id);
     expect(keys.filter((key) => rows[key]?.value === noisy && rows[key]?.error === noisy)).toHaveLength(50);
   });
 });

@@ -17,7 +17,7 @@ import { MAX_STREAMS_PER_AGENT, StreamRegistry } from '../src/streams.js';
 import { closedAfterEach, testDatabase } from './support/db.js';
 import { lockRows, outage, waitForBlockedUpdate } from './support/faults.js';
 import { call, replicasOf } from './support/replicas.js';
-import { ADMIN_TOKEN, startTestService, type ServiceHarness } from './support/service.js';
+import { ADMIN_TOKEN, startTestService } from './support/service.js';
 
 const db = testDatabase();
 const appHarness = closedAfterEach((options: Parameters<typeof startTestService>[1] = {}) =>
@@ -142,17 +142,6 @@ function refused(
 
 const bearer = (token: string) => ({ authorization: `Bearer ${token}` });
 
-async function stored(
-  h: ServiceHarness,
-  agentId: string,
-): Promise<Record<string, { value: string; error: string; collected_at: string }>> {
-  const res = await h.app.inject({ url: `/v1/agents/${agentId}/metadata`, headers: bearer(ADMIN_TOKEN) });
-  expect(res.statusCode).toBe(200);
-  return Object.fromEntries(
-    res.json<{ key: string; value: string; error: string; collected_at: string }[]>().map((r) => [r.key, r]),
-  );
-}
-
 describe('the upgrade', () => {
   it('answers 401, 403 and 400 as HTTP with the POST’s messages, before any upgrade', async () => {
     const h = await appHarness();
@@ -272,7 +261,7 @@ describe('reports', () => {
     ).toEqual({ seq: 1, accepted: 2, dropped: 0 });
     const sentAt = h.clock.now;
     await h.advance(5000);
-    const rows = await stored(h, id);
+    const rows = await h.stored(id);
     expect(rows.cpu).toMatchObject({ value: '12%', error: '', collected_at: '2026-11-22T23:59:00.000Z' });
     // No collected_at: the server's time.
     expect(rows.mem!.collected_at).toBe(new Date(sentAt).toISOString());
@@ -285,7 +274,7 @@ describe('reports', () => {
     await stream.until(() => stream.answers.length === 1 + seqs.length);
     expect(stream.answers.slice(1)).toEqual(seqs.map((seq) => ({ seq, accepted: 1, dropped: 0 })));
     await h.advance(5000);
-    expect((await stored(h, id)).cpu!.value).toBe(`v${seqs.at(-1)}`);
+    expect((await h.stored(id)).cpu!.value).toBe(`v${seqs.at(-1)}`);
     expect(await h.metric('metabatch_stream_reports_total')).toBe(1 + seqs.length);
   });
 
@@ -309,7 +298,7 @@ describe('reports', () => {
     ).toEqual({ seq: 9, accepted: 6, dropped: 0 });
     const sentAt = h.clock.now;
     await h.advance(5000);
-    const rows = await stored(h, id);
+    const rows = await h.stored(id);
     expect(rows.v2049).toMatchObject({ value: 'a'.repeat(2048), error: 'value of 2049 bytes exceeded 2048 bytes' });
     expect(rows.e2049).toMatchObject({ value: '', error: 'error of 2049 bytes exceeded 2048 bytes' });
     expect(rows.both).toMatchObject({ value: 'b'.repeat(2048), error: 'error of 2100 bytes exceeded 2048 bytes' });
@@ -431,7 +420,7 @@ describe('reports', () => {
     expect(answer).toEqual({ seq: 2, accepted: 1, dropped: 1, retry_after: 1 });
     await release();
     await h.service.batcher.idle();
-    const rows = await stored(h, id);
+    const rows = await h.stored(id);
     expect([rows.cpu!.value, rows.mem!.value, rows.disk!.value]).toEqual(['1', '2', '']);
     expect(await h.metric('metabatch_metadata_dropped_keys_total')).toBe(1);
   });
@@ -451,7 +440,7 @@ describe('bounds', () => {
     stream.send(message(MAX_MESSAGE_BYTES + 1, 'too big'));
     expect(await stream.closed).toMatchObject({ code: 1009 });
     await h.advance(5000);
-    expect((await stored(h, id)).cpu!.value).toBe('fits');
+    expect((await h.stored(id)).cpu!.value).toBe('fits');
     expect(await h.metric('metabatch_stream_rejected_total', { reason: 'too_big' })).toBe(1);
     await vi.waitFor(async () => expect(await h.metric('metabatch_stream_closed_total', { code: '1009' })).toBe(1));
   });
@@ -466,7 +455,7 @@ describe('bounds', () => {
     expect(await stream.closed).toMatchObject({ code: 1003 });
     expect(stream.answers).toEqual([]);
     await h.advance(5000);
-    expect((await stored(h, id)).cpu!.value).toBe('');
+    expect((await h.stored(id)).cpu!.value).toBe('');
     expect(await h.metric('metabatch_stream_rejected_total', { reason: 'binary' })).toBe(1);
   });
 
@@ -802,6 +791,6 @@ describe('generated messages', () => {
       dropped: 0,
     });
     await h.advance(5000);
-    expect((await stored(h, id)).cpu!.value).toBe('still serving');
+    expect((await h.stored(id)).cpu!.value).toBe('still serving');
   }, 120_000);
 });

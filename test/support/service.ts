@@ -8,7 +8,7 @@ import os from 'node:os';
 import path from 'node:path';
 import FakeTimers from '@sinonjs/fake-timers';
 import type { FastifyInstance, LightMyRequestResponse } from 'fastify';
-import { vi } from 'vitest';
+import { expect, vi } from 'vitest';
 import { subscribe, type Subscription } from '../../src/client.js';
 import { loadConfig } from '../../src/config.js';
 import type { DEFAULT_TIMEOUTS } from '../../src/limits.js';
@@ -35,8 +35,17 @@ export interface ServiceHarness {
   /** Creates an agent through the API with these keys declared (which announces it on the batch channel). */
   agent(keys?: string[]): Promise<{ id: string; token: string }>;
   post(agentId: string, token: string | undefined, body: unknown): Promise<LightMyRequestResponse>;
+  /** The agent's stored rows by key, read through the API with the admin token (which must answer 200). */
+  stored(agentId: string): Promise<Record<string, StoredRow>>;
   /** Stops the service (as SIGTERM does) and the test's listener. */
   close(): Promise<void>;
+}
+
+/** A stored row as the read API answers it. */
+export interface StoredRow {
+  value: string;
+  error: string;
+  collected_at: string;
 }
 
 export interface ServiceHarnessOptions {
@@ -122,6 +131,14 @@ export async function startTestService(db: TestDatabase, options: ServiceHarness
         headers: token === undefined ? {} : { authorization: `Bearer ${token}` },
         payload: body as string | object,
       });
+    },
+    async stored(agentId) {
+      const res = await app.inject({
+        url: `/v1/agents/${agentId}/metadata`,
+        headers: { authorization: `Bearer ${ADMIN_TOKEN}` },
+      });
+      expect(res.statusCode).toBe(200);
+      return Object.fromEntries(res.json<(StoredRow & { key: string })[]>().map((r) => [r.key, r]));
     },
     async close() {
       // A final flush that retries waits on the fake clock: move it along.
