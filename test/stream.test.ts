@@ -17,7 +17,7 @@ import { MAX_STREAMS_PER_AGENT, StreamRegistry } from '../src/streams.js';
 import { closedAfterEach, testDatabase } from './support/db.js';
 import { lockRows, outage, waitForBlockedUpdate } from './support/faults.js';
 import { call, replicasOf } from './support/replicas.js';
-import { ADMIN_TOKEN, startTestService } from './support/service.js';
+import { ADMIN_TOKEN, startTestService, type ServiceHarness } from './support/service.js';
 
 const db = testDatabase();
 const appHarness = closedAfterEach((options: Parameters<typeof startTestService>[1] = {}) =>
@@ -141,6 +141,17 @@ function refused(
 }
 
 const bearer = (token: string) => ({ authorization: `Bearer ${token}` });
+
+/** Reports the service has handled once that count stops moving (the same in two reads 300 ms apart). */
+async function settledReports(h: ServiceHarness): Promise<number> {
+  let handled = -1;
+  for (;;) {
+    await new Promise((resolve) => setTimeout(resolve, 300));
+    const now = await h.metric('metabatch_stream_reports_total');
+    if (now === handled) return handled;
+    handled = now;
+  }
+}
 
 describe('the upgrade', () => {
   it('answers 401, 403 and 400 as HTTP with the POST’s messages, before any upgrade', async () => {
@@ -469,13 +480,7 @@ describe('bounds', () => {
     const seq = 9_000_000_000_000_000; // long answers: ~55 bytes each, ~16 MB in all
     for (let i = 0; i < count; i++) stream.send(`{"seq":${seq + i},"metadata":[]}`);
     // The service stops reading once over 1 MiB of answers waits: it settles short of every report.
-    let handled = -1;
-    for (;;) {
-      await new Promise((resolve) => setTimeout(resolve, 300));
-      const now = await h.metric('metabatch_stream_reports_total');
-      if (now === handled) break;
-      handled = now;
-    }
+    const handled = await settledReports(h);
     expect(handled).toBeGreaterThan(0);
     expect(handled).toBeLessThan(count);
     expect(await h.metric('metabatch_stream_paused_total')).toBeGreaterThanOrEqual(1);
@@ -593,13 +598,7 @@ describe('shutdown', () => {
     const count = 300_000;
     for (let seq = 0; seq < count; seq++) stream.send(`{"seq":${seq},"metadata":[{"key":"cpu","value":"v${seq}"}]}`);
     // Reading has stopped (backpressure), with what was read last held unanswered.
-    let handled = -1;
-    for (;;) {
-      await new Promise((resolve) => setTimeout(resolve, 300));
-      const now = await h.metric('metabatch_stream_reports_total');
-      if (now === handled) break;
-      handled = now;
-    }
+    const handled = await settledReports(h);
     const stopping = h.service.stop();
     stream.ws.resume();
     expect(await stream.closed).toEqual({ code: 1001, reason: 'shutting down' });
