@@ -17,6 +17,25 @@ import { roundSummary } from '../figures.js';
 import { round, summarize } from '../stats.js';
 import { check, fmt } from '../table.js';
 
+/** The store the service uses, with each flush's duration (ms) kept in `durations`. */
+function timedStore(pool: pg.Pool) {
+  const store = new MetadataStore(pool, { notifyChannel: DEFAULT_NOTIFY_CHANNEL });
+  const durations: number[] = [];
+  return {
+    durations,
+    store: {
+      async updateMetadata(batch: MetadataBatch): Promise<UpdateResult> {
+        const t0 = performance.now();
+        try {
+          return await store.updateMetadata(batch);
+        } finally {
+          durations.push(performance.now() - t0);
+        }
+      },
+    },
+  };
+}
+
 /**
  * Rows/s of the raw UPDATE at BATCH_SIZE, sent directly with pg, against our
  * whole flush path (the batcher's merge, its arrays, the guarded UPDATE that
@@ -42,20 +61,9 @@ async function measure(context: Context) {
     }
     return batch;
   };
-  const store = new MetadataStore(pool, { notifyChannel: DEFAULT_NOTIFY_CHANNEL });
-  const flushDurations: number[] = [];
-  const timedStore = {
-    async updateMetadata(batch: MetadataBatch): Promise<UpdateResult> {
-      const t0 = performance.now();
-      try {
-        return await store.updateMetadata(batch);
-      } finally {
-        flushDurations.push(performance.now() - t0);
-      }
-    },
-  };
+  const { store, durations: flushDurations } = timedStore(pool);
   const batcher = new Batcher({
-    store: timedStore,
+    store,
     metrics: new BatcherMetrics(new Registry()),
     logger: log,
     batchSize: BATCH_SIZE,
@@ -152,19 +160,9 @@ async function measureStall(context: Context, nextMicros: () => number) {
   agents = agents.slice(0, perBatch);
   const flushes = options.quick ? 3 : 5;
   progress(`flush: event-loop delay during ${flushes} flushes of ${STALL_BATCH} rows`);
-  const flushDurations: number[] = [];
-  const store = new MetadataStore(pool, { notifyChannel: DEFAULT_NOTIFY_CHANNEL });
+  const { store, durations: flushDurations } = timedStore(pool);
   const batcher = new Batcher({
-    store: {
-      async updateMetadata(batch: MetadataBatch): Promise<UpdateResult> {
-        const t0 = performance.now();
-        try {
-          return await store.updateMetadata(batch);
-        } finally {
-          flushDurations.push(performance.now() - t0);
-        }
-      },
-    },
+    store,
     metrics: new BatcherMetrics(new Registry()),
     logger: log,
     batchSize: STALL_BATCH,
