@@ -15,14 +15,13 @@ import { describe, expect, it } from 'vitest';
 import YAML from 'yaml';
 import { closedAfterEach, testDatabase } from './support/db.js';
 import {
-  isCumulative,
+  expectReadsOfService,
   matchersOf,
   PROMTOOL,
   PROMTOOL_MISSING,
   promtool,
   scrapeAfterFlush,
   selectorsIn,
-  typeOfSample,
 } from './support/metrics.js';
 import { ROOT } from './support/process.js';
 import { startTestService } from './support/service.js';
@@ -255,21 +254,7 @@ describe('deploy/grafana/metabatch.json', () => {
       const used = expressions().flatMap(({ where, expr }) =>
         selectorsIn(expr).map((selector) => ({ where, selector })),
       );
-      const missing = [...new Set(used.map(({ selector }) => selector.name))].filter(
-        (name) => !exposition.samples.has(name),
-      );
-      expect(
-        missing,
-        `metrics the dashboard reads that /metrics does not expose (after a flush): ${missing.join(', ')}`,
-      ).toEqual([]);
-      for (const { where, selector } of used) {
-        const cumulative = isCumulative(exposition, selector.name);
-        const through = ['rate', 'increase'].includes(selector.fn ?? '');
-        expect(
-          through,
-          `${where}: ${selector.name} is a ${typeOfSample(exposition, selector.name)}${cumulative ? ': read it through rate or increase' : ': not through rate or increase'}`,
-        ).toBe(cumulative);
-      }
+      expectReadsOfService(exposition, used, 'the dashboard reads');
     });
   });
 });

@@ -1,10 +1,12 @@
 // What the dashboard and alert tests share: Debian's promtool (or how to get
-// it), the metric selectors a PromQL expression reads, and the samples a real
-// service exposes at /metrics once a flush has happened.
+// it), the metric selectors a PromQL expression reads, the samples a real
+// service exposes at /metrics once a flush has happened, and the check that
+// what they read is exposed and read as its type wants.
 
 import { execFile } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
+import { expect } from 'vitest';
 import { ROOT } from './process.js';
 import type { ServiceHarness } from './service.js';
 
@@ -208,4 +210,40 @@ export function isCumulative(exposition: Exposition, name: string): boolean {
   const type = typeOfSample(exposition, name);
   if (type === 'counter') return true;
   return (type === 'histogram' || type === 'summary') && /_(bucket|sum|count)$/.test(name);
+}
+
+/** A selector an expression reads, and what reads it (a panel, an alert), for the messages. */
+export interface SelectorUse {
+  where: string;
+  selector: Selector;
+}
+
+/**
+ * What a dashboard or a rule file reads of a real service: every metric is
+ * one its /metrics exposes (but `external` ones, which are not the
+ * service's: Prometheus's own `up`), and cumulative samples, and only they,
+ * are read through rate() or increase(). `readers` names them in the
+ * message ("the alerts read").
+ */
+export function expectReadsOfService(
+  exposition: Exposition,
+  uses: readonly SelectorUse[],
+  readers: string,
+  external: readonly string[] = [],
+): void {
+  const own = uses.filter(({ selector }) => !external.includes(selector.name));
+  const missing = [...new Set(own.map(({ selector }) => selector.name))].filter(
+    (name) => !exposition.samples.has(name),
+  );
+  expect(missing, `metrics ${readers} that /metrics does not expose (after a flush): ${missing.join(', ')}`).toEqual(
+    [],
+  );
+  for (const { where, selector } of own) {
+    const cumulative = isCumulative(exposition, selector.name);
+    const through = ['rate', 'increase'].includes(selector.fn ?? '');
+    expect(
+      through,
+      `${where}: ${selector.name} is a ${typeOfSample(exposition, selector.name)}${cumulative ? ': read it through rate or increase' : ': not through rate or increase'}`,
+    ).toBe(cumulative);
+  }
 }
