@@ -9,7 +9,7 @@
 // help text, so that /metrics, the dashboard and the README have few places
 // to agree with.
 
-import { Counter, Gauge, Histogram, type Registry } from 'prom-client';
+import { Counter, Gauge, Histogram, type LabelValues, type Registry } from 'prom-client';
 
 export const FLUSH_REASONS = ['capacity', 'scheduled', 'shutdown'] as const;
 export type FlushReason = (typeof FLUSH_REASONS)[number];
@@ -258,6 +258,22 @@ export type StreamRejectReason = (typeof STREAM_REJECT_REASONS)[number];
 const STREAM_CLOSE_CODES = new Set([1000, 1001, 1002, 1003, 1005, 1006, 1007, 1008, 1009, 1011, 1013, 4001]);
 
 /**
+ * A counter's collect(): adds what `read()`, a plain number a hot path adds
+ * to, gained since the last scrape (with `labels`, to that series).
+ */
+function catchUp<T extends string>(read: () => number, labels?: LabelValues<T>): (this: Counter<T>) => void {
+  let seen = 0;
+  return function (this: Counter<T>) {
+    const now = read();
+    if (now > seen) {
+      if (labels) this.inc(labels, now - seen);
+      else this.inc(now - seen);
+    }
+    seen = now;
+  };
+}
+
+/**
  * The WebSocket ingest streams (src/routes/stream.ts, each connection
  * src/routes/ingestStream.ts). The per-message
  * counts are plain numbers the stream adds to and the counters read at
@@ -286,34 +302,20 @@ export class StreamMetrics {
         if (source) this.set(source.connections());
       },
     });
-    let reportsSeen = 0;
-    const reportsNow = () => this.reports;
     new Counter({
       name: 'metabatch_stream_reports_total',
       help: 'Reports received on WebSocket ingest streams and handed to the batcher (each answered with its counts).',
       registers,
-      collect() {
-        const now = reportsNow();
-        if (now > reportsSeen) this.inc(now - reportsSeen);
-        reportsSeen = now;
-      },
+      collect: catchUp(() => this.reports),
     });
-    let pausedSeen = 0;
-    const pausedNow = () => this.paused;
     new Counter({
       name: 'metabatch_stream_paused_total',
       help:
         'Times a WebSocket ingest stream stopped reading its client’s reports because the client left over ' +
         '1 MiB of answers unread (it reads again once they drain).',
       registers,
-      collect() {
-        const now = pausedNow();
-        if (now > pausedSeen) this.inc(now - pausedSeen);
-        pausedSeen = now;
-      },
+      collect: catchUp(() => this.paused),
     });
-    let invalidSeen = 0;
-    const invalidNow = () => this.invalid;
     this.rejectedTotal = new Counter({
       name: 'metabatch_stream_rejected_total',
       help:
@@ -321,11 +323,7 @@ export class StreamMetrics {
         'too_big (over 1 MiB: closed with 1009), binary (closed with 1003).',
       labelNames: ['reason'],
       registers,
-      collect() {
-        const now = invalidNow();
-        if (now > invalidSeen) this.inc({ reason: 'invalid' }, now - invalidSeen);
-        invalidSeen = now;
-      },
+      collect: catchUp(() => this.invalid, { reason: 'invalid' }),
     });
     for (const reason of STREAM_REJECT_REASONS) this.rejectedTotal.inc({ reason }, 0);
     this.closedTotal = new Counter({
