@@ -8,6 +8,7 @@ import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
 import { createLogger } from '../src/logger.js';
 import { ADMIN_TOKEN, startTestService } from './support/service.js';
+import { metadataItem } from './support/arbitraries.js';
 import { closedAfterEach, testDatabase } from './support/db.js';
 
 const db = testDatabase();
@@ -16,34 +17,8 @@ const appHarness = closedAfterEach((options: Parameters<typeof startTestService>
 );
 
 // Bodies near the valid shape, where the bugs live, and arbitrary JSON.
-const item = fc.record(
-  {
-    key: fc.oneof(
-      fc.string({ maxLength: 200 }),
-      fc.string({ unit: 'binary', maxLength: 130 }),
-      fc.integer(),
-      fc.constant(null),
-    ),
-    value: fc.oneof(
-      fc.string({ maxLength: 3000 }),
-      fc.string({ unit: 'binary', maxLength: 1000 }),
-      fc.double(),
-      fc.boolean(),
-      fc.object(),
-    ),
-    error: fc.oneof(fc.string({ maxLength: 2100 }), fc.constant(undefined), fc.array(fc.string())),
-    collected_at: fc.oneof(
-      fc.date({ noInvalidDate: true }).map((d) => d.toISOString()),
-      fc.string({ maxLength: 40 }),
-      fc.constant('2026-11-23T00:00:00Z'),
-      fc.constant('9999-12-31T23:59:59.999999999+14:00'),
-      fc.integer(),
-    ),
-  },
-  { requiredKeys: [] },
-);
 const body = fc.oneof(
-  fc.record({ metadata: fc.array(item, { maxLength: 40 }) }).map((b) => JSON.stringify(b)),
+  fc.record({ metadata: fc.array(metadataItem, { maxLength: 40 }) }).map((b) => JSON.stringify(b)),
   fc.json({ depthSize: 'medium' }),
   fc.jsonValue().map((v) => JSON.stringify({ metadata: v })),
   fc.uint8Array({ maxLength: 300 }).map((bytes) => Buffer.from(bytes)),

@@ -14,6 +14,7 @@ import { provisionAgents } from '../src/provision.js';
 import { MAX_MESSAGE_BYTES, PING_INTERVAL_MS, PING_SLOTS } from '../src/routes/stream.js';
 import { ReportMetadata } from '../src/schemas.js';
 import { MAX_STREAMS_PER_AGENT, StreamRegistry } from '../src/streams.js';
+import { metadataItem } from './support/arbitraries.js';
 import { closedAfterEach, testDatabase } from './support/db.js';
 import { lockRows, outage, waitForBlockedUpdate } from './support/faults.js';
 import { call, replicasOf } from './support/replicas.js';
@@ -704,21 +705,6 @@ describe('revocation across replicas', () => {
 });
 
 // Messages near the valid shape, where the bugs live, and arbitrary JSON and text.
-const item = fc.record(
-  {
-    key: fc.oneof(fc.string({ maxLength: 200 }), fc.constantFrom('cpu', 'mem'), fc.integer(), fc.constant(null)),
-    value: fc.oneof(fc.string({ maxLength: 3000 }), fc.double(), fc.boolean(), fc.object()),
-    error: fc.oneof(fc.string({ maxLength: 2100 }), fc.constant(undefined), fc.array(fc.string())),
-    collected_at: fc.oneof(
-      fc.date({ noInvalidDate: true }).map((d) => d.toISOString()),
-      fc.string({ maxLength: 40 }),
-      fc.constant('2026-11-23T00:00:00Z'),
-      fc.constant('9999-12-31T23:59:59.999999999+14:00'),
-      fc.integer(),
-    ),
-  },
-  { requiredKeys: [] },
-);
 const seqValue = fc.oneof(
   fc.nat(),
   fc.constant(Number.MAX_SAFE_INTEGER),
@@ -729,10 +715,10 @@ const seqValue = fc.oneof(
 );
 const streamMessage = fc.oneof(
   fc
-    .record({ seq: seqValue, metadata: fc.array(item, { maxLength: 40 }) }, { requiredKeys: ['metadata'] })
+    .record({ seq: seqValue, metadata: fc.array(metadataItem, { maxLength: 40 }) }, { requiredKeys: ['metadata'] })
     .map((m) => JSON.stringify(m)),
   fc
-    .record({ seq: fc.nat(), metadata: fc.array(item, { maxLength: 10 }), extra: fc.jsonValue() })
+    .record({ seq: fc.nat(), metadata: fc.array(metadataItem, { maxLength: 10 }), extra: fc.jsonValue() })
     .map((m) => JSON.stringify(m)),
   fc.json({ depthSize: 'medium' }),
   fc.jsonValue().map((v) => JSON.stringify({ seq: 1, metadata: v })),
