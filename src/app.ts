@@ -55,6 +55,7 @@ export function buildApp(deps: AppDependencies): FastifyInstance {
     bodyLimit: BODY_LIMIT_BYTES,
     requestTimeout: timeouts.requestMs,
     connectionTimeout: timeouts.idleMs,
+    keepAliveTimeout: timeouts.keepAliveMs,
     http: {
       headersTimeout: timeouts.headersMs,
       // How often Node enforces the two timeouts above (its default is 30 s).

@@ -75,12 +75,18 @@ export interface BatcherOptions {
   finalFlushTimeoutMs?: number;
   /** Distinct keys held at most while flushes fail; new keys beyond it are refused. Default `DEFAULTS.heldKeysPerBatch` × batchSize. */
   maxHeldKeys?: number;
+  /**
+   * Each agent's declared keys (src/declaredKeys.ts): while flushes fail, a
+   * key not among them is refused rather than held, so no agent holds more
+   * than its share. Default: none, every key may be held.
+   */
+  declaredKeys?: { keysOf(agentId: string): ReadonlySet<string> | undefined };
   backoff?: BackoffOptions;
 }
 
 export interface AddResult {
   accepted: number;
-  /** Refused: the channel was full, or MAX_HELD_KEYS were held while flushes fail. */
+  /** Refused: the channel was full, or, while flushes fail, MAX_HELD_KEYS were held or the key is not declared. */
   dropped: number;
 }
 
@@ -142,6 +148,7 @@ export class Batcher {
   readonly maxHeldKeys: number;
 
   private readonly store: MetadataWriter;
+  private readonly declaredKeys: BatcherOptions['declaredKeys'];
   private readonly publisher: Announcer | undefined;
   private readonly metrics: BatcherMetrics;
   private readonly log: Logger;
@@ -169,6 +176,7 @@ export class Batcher {
 
   constructor(options: BatcherOptions) {
     this.store = options.store;
+    this.declaredKeys = options.declaredKeys;
     this.publisher = options.publisher;
     this.metrics = options.metrics;
     this.log = options.logger;
@@ -218,8 +226,8 @@ export class Batcher {
 
   /**
    * Queues updates for one agent. Never waits: an update that finds the
-   * channel full, or that would add a new key while MAX_HELD_KEYS are held
-   * and flushes fail, is refused and counted. Throws on arrays of unequal
+   * channel full is refused and counted; so is, while flushes fail, one that
+   * would add a new key the agent has not declared, or beyond MAX_HELD_KEYS. Throws on arrays of unequal
    * length (nothing is queued) and once the batcher is closing. Each
    * collected_at is a Date, or a number of microseconds since the epoch.
    */
@@ -239,13 +247,22 @@ export class Batcher {
     // While flushes fail the loop merges everything into the held batch, so
     // the channel never fills: the bound on memory is then MAX_HELD_KEYS.
     const bounded = this.flushesFailing;
+    // Asked on every call, so that the agent's keys are known before an outage.
+    const declared = this.declaredKeys?.keysOf(agentId);
     let channelFull = 0;
     let heldLimit = 0;
+    let undeclared = 0;
     for (let i = 0; i < keys.length; i++) {
       const key = keys[i]!;
-      if (bounded && this.batch.size + this.channel.length >= this.maxHeldKeys && !this.batch.has(agentId, key)) {
-        heldLimit++;
-        continue;
+      if (bounded && !this.batch.has(agentId, key)) {
+        if (this.declaredKeys && !declared?.has(key)) {
+          undeclared++;
+          continue;
+        }
+        if (this.batch.size + this.channel.length >= this.maxHeldKeys) {
+          heldLimit++;
+          continue;
+        }
       }
       const queued = this.channel.trySend({
         agentId,
@@ -256,9 +273,10 @@ export class Batcher {
       });
       if (!queued) channelFull++;
     }
-    if (channelFull + heldLimit > 0) this.countDrops(agentId, channelFull, heldLimit);
-    if (channelFull + heldLimit < keys.length) this.scheduleDrain();
-    return { accepted: keys.length - channelFull - heldLimit, dropped: channelFull + heldLimit };
+    const dropped = channelFull + heldLimit + undeclared;
+    if (dropped > 0) this.countDrops(agentId, channelFull, heldLimit, undeclared);
+    if (dropped < keys.length) this.scheduleDrain();
+    return { accepted: keys.length - dropped, dropped };
   }
 
   /**
@@ -599,16 +617,18 @@ export class Batcher {
     }
   }
 
-  private countDrops(agentId: string, channelFull: number, heldLimit: number): void {
+  private countDrops(agentId: string, channelFull: number, heldLimit: number, undeclared: number): void {
     if (channelFull > 0) this.metrics.droppedKeysTotal.inc(channelFull);
     if (heldLimit > 0) this.metrics.heldLimitRefusedKeysTotal.inc(heldLimit);
+    if (undeclared > 0) this.metrics.undeclaredRefusedKeysTotal.inc(undeclared);
     const reasons = [];
     if (channelFull > 0) reasons.push(`channel full (${channelFull})`);
     if (heldLimit > 0) reasons.push(`MAX_HELD_KEYS held while flushes fail (${heldLimit})`);
+    if (undeclared > 0) reasons.push(`keys the agent has not declared, while flushes fail (${undeclared})`);
     const fields = {
       agent_id: agentId,
       channel_size: this.channel.capacity,
-      dropped_count: channelFull + heldLimit,
+      dropped_count: channelFull + heldLimit + undeclared,
       reason: reasons.join(', '),
     };
     const now = this.clock.Date.now();

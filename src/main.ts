@@ -11,6 +11,7 @@ import { AgentAuthenticator } from './auth.js';
 import { BackgroundProcesses } from './background.js';
 import { Batcher } from './batcher.js';
 import { decodeAgentIdChunk } from './agentIdChunks.js';
+import { DeclaredKeys } from './declaredKeys.js';
 import { AgentStore } from './agentStore.js';
 import { applyControlPayload, CONTROL_CHANNEL } from './control.js';
 import type { Clock } from './clock.js';
@@ -44,6 +45,8 @@ export interface StopResult {
 export interface Service {
   app: FastifyInstance;
   batcher: Batcher;
+  /** Each agent's declared keys as this replica last read them (what it may hold while flushes fail). */
+  declaredKeys: DeclaredKeys;
   watchHub: WatchHub;
   health: DatabaseHealth;
   registry: Registry;
@@ -80,8 +83,14 @@ export async function startService(config: Config, log: Logger, options: Service
       );
     }
 
+    // What each agent may hold while flushes fail: its declared keys, read while the database answers.
+    const declaredKeys = new DeclaredKeys(pool, {
+      ...(clock ? { clock } : {}),
+      onError: (err) => log.debug({ err }, 'could not read declared keys; retrying at the next report'),
+    });
     const batcher = new Batcher({
       store,
+      declaredKeys,
       metrics: new BatcherMetrics(registry),
       logger: log.child({ component: 'batcher' }),
       batchSize: config.batchSize,
@@ -209,7 +218,18 @@ export async function startService(config: Config, log: Logger, options: Service
         await database.close();
         return file;
       })());
-    return { app, batcher, watchHub, health, registry, address, databaseUrl: database.url, stop, abort };
+    return {
+      app,
+      batcher,
+      declaredKeys,
+      watchHub,
+      health,
+      registry,
+      address,
+      databaseUrl: database.url,
+      stop,
+      abort,
+    };
   } catch (err) {
     for (const close of opened.reverse()) await Promise.resolve(close()).catch(() => undefined);
     throw err;

@@ -33,6 +33,7 @@ export class BatcherMetrics {
   readonly publishErrorsTotal: Counter;
   readonly flushErrorsTotal: Counter;
   readonly heldLimitRefusedKeysTotal: Counter;
+  readonly undeclaredRefusedKeysTotal: Counter;
   readonly undeclaredKeysTotal: Counter;
   readonly staleKeysTotal: Counter;
   readonly notifyPayloadsTotal: Counter;
@@ -89,6 +90,13 @@ export class BatcherMetrics {
     this.heldLimitRefusedKeysTotal = new Counter({
       name: 'metabatch_metadata_held_limit_refused_keys_total',
       help: 'Total number of new metadata keys refused (429) because MAX_HELD_KEYS were held while flushes fail.',
+      registers,
+    });
+    this.undeclaredRefusedKeysTotal = new Counter({
+      name: 'metabatch_metadata_undeclared_refused_keys_total',
+      help:
+        'Total number of metadata keys refused (429) while flushes fail because the agent has not declared them ' +
+        '(as this replica last read its definitions): no agent holds more than its declared keys.',
       registers,
     });
     this.undeclaredKeysTotal = new Counter({
