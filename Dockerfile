@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
 #
 # metabatch in a container: `docker build -t metabatch .`, then
-# `docker run -e DATABASE_URL=postgres://… -e ADMIN_TOKEN=… -p 8080:8080 metabatch`.
+# `docker run -e DATABASE_URL=postgres://… -e ADMIN_TOKEN=… -p 127.0.0.1:8080:8080 metabatch`.
 # docker-compose.yml runs two replicas of it behind a load balancer.
 #
 # The official Node image, Debian slim, pinned to a Node 20 minor at or above

@@ -37,7 +37,10 @@ export interface OpenDatabaseOptions {
 }
 
 export interface Database {
+  /** Where the service connects: for the embedded Postgres, as its own role (no superuser). */
   url: string;
+  /** The embedded Postgres's superuser on the same database (for creating databases); undefined for DATABASE_URL. */
+  adminUrl?: string;
   /** Whether an embedded Postgres was started for it (and is stopped by close). */
   embedded: boolean;
   /** Stops the embedded Postgres this started; nothing otherwise. Idempotent. */
@@ -58,7 +61,7 @@ export async function openDatabase(options: OpenDatabaseOptions): Promise<Databa
     if (running) return { url: running, embedded: false, close: none };
   }
   const url = await embedded.start();
-  return { url, embedded: true, close: () => embedded.stop() };
+  return { url, adminUrl: embedded.adminUrl, embedded: true, close: () => embedded.stop() };
 }
 
 /** The same server's URL with another database name. */
@@ -68,14 +71,23 @@ export function databaseUrlFor(serverUrl: string, database: string): string {
   return parsed.toString();
 }
 
-/** Creates `name` on the server of `serverUrl` (dropping one of that name first), optionally from a template. */
-export async function recreateDatabase(serverUrl: string, name: string, template?: string): Promise<string> {
+/**
+ * Creates `name` on the server of `serverUrl` (dropping one of that name
+ * first), optionally from a template, optionally owned by another role.
+ */
+export async function recreateDatabase(
+  serverUrl: string,
+  name: string,
+  template?: string,
+  owner?: string,
+): Promise<string> {
   await dropDatabase(serverUrl, name);
   const admin = new pg.Client({ connectionString: databaseUrlFor(serverUrl, 'postgres') });
   await admin.connect();
   try {
     const from = template ? ` TEMPLATE ${admin.escapeIdentifier(template)}` : '';
-    await admin.query(`CREATE DATABASE ${admin.escapeIdentifier(name)}${from}`);
+    const ownedBy = owner ? ` OWNER ${admin.escapeIdentifier(owner)}` : '';
+    await admin.query(`CREATE DATABASE ${admin.escapeIdentifier(name)}${from}${ownedBy}`);
   } finally {
     await admin.end();
   }
@@ -218,6 +230,25 @@ export async function migrate(pool: pg.Pool, log: Logger): Promise<string[]> {
   } finally {
     client.release();
   }
+}
+
+/**
+ * Warns when the pool connects as a superuser: a DATABASE_URL the operator
+ * chose can be one, and then any statement of the service could do anything
+ * to the cluster (README, "Postgres", says which grants suffice). Resolves to
+ * whether it is one.
+ */
+export async function warnIfSuperuser(pool: pg.Pool, log: Logger): Promise<boolean> {
+  const { rows } = await pool.query<{ role: string; superuser: boolean }>(
+    `SELECT current_user AS role, rolsuper AS superuser FROM pg_roles WHERE rolname = current_user`,
+  );
+  const row = rows[0];
+  if (!row?.superuser) return false;
+  log.warn(
+    { role: row.role },
+    `connected to Postgres as ${row.role}, a superuser: give the service a role that owns its tables and is not a superuser (README, "Postgres")`,
+  );
+  return true;
 }
 
 // Errors that say the database (or the way to it) is not there, as opposed to

@@ -7,7 +7,13 @@
 //
 // Longer than our other files: everything a bare machine needs for a cluster
 // (an OS account when root, reachable binaries, a kept port, recovery of a
-// cluster a killed process left running) is one concern, and reads in order.
+// cluster a killed process left running, the service's own role) is one
+// concern, and reads in order.
+//
+// What it leaves on disk is private: the files it writes are 0600, and an
+// existing DATA_DIR keeps the mode its owner gave it. The service connects as
+// the role SERVICE_ROLE, which owns the database and its tables but is not a
+// superuser; the `postgres` superuser is kept for creating that role.
 
 import { execFile, spawn } from 'node:child_process';
 import { randomBytes, createHash } from 'node:crypto';
@@ -43,9 +49,21 @@ interface Account {
   gid: number;
 }
 
-// Where a root-run service keeps a cluster whose DATA_DIR the `postgres` OS
-// user cannot reach (a checkout under /root, a mktemp -d).
+// Where a root-run service keeps a cluster whose DATA_DIR the cluster's OS
+// account cannot reach (a checkout under /root, a mktemp -d, a 0700 DATA_DIR).
 const ROOT_FALLBACK_DIR = '/var/lib/metabatch';
+
+// The OS account a root-run service runs Postgres as: one of its own, so that
+// the embedded cluster shares nothing with a system Postgres (`postgres`).
+export const CLUSTER_ACCOUNT = 'metabatch-pg';
+
+// The role the service connects as: the owner of the database and its tables,
+// without SUPERUSER, CREATEDB or CREATEROLE, so a statement of the service can
+// touch its own tables and nothing else of the cluster.
+export const SERVICE_ROLE = 'metabatch';
+
+// Files this module writes: readable by the service's user only.
+const PRIVATE_FILE_MODE = 0o600;
 
 export class EmbeddedPostgresError extends Error {
   override name = 'EmbeddedPostgresError';
@@ -61,8 +79,10 @@ export class EmbeddedPostgres {
   private binaries: Binaries | undefined;
   private started = false;
   private stopping: Promise<void> | undefined;
-  /** The connection URL, once started. */
+  /** The connection URL (as SERVICE_ROLE), once started. */
   url = '';
+  /** The same database as the `postgres` superuser, once started: for creating databases and roles. */
+  adminUrl = '';
 
   constructor(options: EmbeddedPostgresOptions) {
     this.log = options.log;
@@ -81,19 +101,23 @@ export class EmbeddedPostgres {
    * of starting their own.
    */
   async runningUrl(): Promise<string | undefined> {
-    this.account = await postgresAccount();
+    this.account = await clusterAccount();
     this.home = await this.chooseHome();
     const owner = await liveOwner(this.home);
     const pidFile = await fs.readFile(path.join(this.pgdata, 'postmaster.pid'), 'utf8').catch(() => undefined);
     if (owner === undefined || pidFile === undefined) return undefined;
     const port = Number.parseInt(pidFile.split('\n')[3] ?? '', 10);
-    const password = await this.password();
-    return `postgres://postgres:${encodeURIComponent(password)}@127.0.0.1:${port}/${this.database}`;
+    // A serve of an older release never made the service role: its superuser then.
+    const role = await fs.readFile(path.join(this.home, 'service-password'), 'utf8').then(
+      (text) => ({ name: SERVICE_ROLE, password: text.trim() }),
+      async () => ({ name: 'postgres', password: await this.password() }),
+    );
+    return `postgres://${role.name}:${encodeURIComponent(role.password)}@127.0.0.1:${port}/${this.database}`;
   }
 
   /** Initialises the cluster if needed, recovers one left running, starts it, creates the database. */
   async start(): Promise<string> {
-    this.account = await postgresAccount();
+    this.account = await clusterAccount();
     this.binaries = await reachableBinaries(this.account, this.log);
     this.home = await this.chooseHome();
     const owner = await liveOwner(this.home);
@@ -102,13 +126,17 @@ export class EmbeddedPostgres {
         `another metabatch process (pid ${owner}) runs the embedded Postgres of ${this.dataDir}: stop it, or set another DATA_DIR`,
       );
     }
-    await fs.writeFile(path.join(this.home, 'owner.pid'), `${process.pid}\n`);
+    await writePrivate(path.join(this.home, 'owner.pid'), `${process.pid}\n`);
     const password = await this.password();
     if (!existsSync(path.join(this.pgdata, 'PG_VERSION'))) await this.initialise(password);
+    else await this.adoptCluster();
     await this.recoverLeftover();
     const port = this.requestedPort ?? (await this.portToUse());
+    // Postgres appends to it as the cluster's account; it may name databases
+    // and roles, so it is as private as the rest (an older release left it 0644).
     const logFile = path.join(this.home, 'postgres.log');
-    await fs.appendFile(logFile, '');
+    await fs.appendFile(logFile, '', { mode: PRIVATE_FILE_MODE });
+    await fs.chmod(logFile, PRIVATE_FILE_MODE);
     if (this.account) await fs.chown(logFile, this.account.uid, this.account.gid);
     // max_wal_size: heavy UPDATE load would otherwise grow the WAL to 1 GB.
     const options = [
@@ -130,8 +158,14 @@ export class EmbeddedPostgres {
     }
     this.started = true;
     const admin = `postgres://postgres:${encodeURIComponent(password)}@127.0.0.1:${port}`;
-    await createDatabaseIfMissing(`${admin}/postgres`, this.database);
-    this.url = `${admin}/${this.database}`;
+    const servicePassword = await this.secret('service-password');
+    // Nobody holds this object yet to stop it: a failure here stops Postgres itself.
+    await provisionServiceRole(admin, this.database, servicePassword).catch(async (err: unknown) => {
+      await this.stop();
+      throw err;
+    });
+    this.adminUrl = `${admin}/${this.database}`;
+    this.url = `postgres://${SERVICE_ROLE}:${encodeURIComponent(servicePassword)}@127.0.0.1:${port}/${this.database}`;
     this.log.info({ pgdata: this.pgdata, port }, 'embedded Postgres started');
     return this.url;
   }
@@ -142,7 +176,7 @@ export class EmbeddedPostgres {
     const last = Number.parseInt(await fs.readFile(file, 'utf8').catch(() => ''), 10);
     const port = (Number.isSafeInteger(last) ? await bindPort(last) : undefined) ?? (await bindPort(0));
     if (port === undefined) throw new EmbeddedPostgresError('no free TCP port on 127.0.0.1 for the embedded Postgres');
-    await fs.writeFile(file, `${port}\n`);
+    await writePrivate(file, `${port}\n`);
     return port;
   }
 
@@ -160,39 +194,66 @@ export class EmbeddedPostgres {
   }
 
   /**
-   * DATA_DIR itself, unless we are root and the `postgres` OS user cannot
-   * reach it; then a directory of our own under /var/lib/metabatch.
+   * DATA_DIR itself, unless we are root and the cluster's OS account cannot
+   * reach it; then a directory of our own under /var/lib/metabatch. An
+   * existing DATA_DIR keeps its mode (its owner chose it); one made here is
+   * 0700, or 0711 when root, so that the cluster's account can traverse it
+   * to its own 0700 directory inside without listing anything.
    */
   private async chooseHome(): Promise<string> {
     await fs.mkdir(path.dirname(this.dataDir), { recursive: true });
-    await fs.mkdir(this.dataDir, { recursive: true, mode: 0o700 });
+    if (!existsSync(this.dataDir)) {
+      const mode = this.account ? 0o711 : 0o700;
+      await fs.mkdir(this.dataDir, { mode });
+      await fs.chmod(this.dataDir, mode);
+    }
     if (!this.account) return this.dataDir;
-    // The postgres user must traverse DATA_DIR to reach the cluster inside.
-    await fs.chmod(this.dataDir, 0o711);
     if (await reachable(this.dataDir, this.account)) return this.dataDir;
     const digest = createHash('sha256').update(this.dataDir).digest('hex').slice(0, 12);
     const home = path.join(ROOT_FALLBACK_DIR, digest);
     await fs.mkdir(home, { recursive: true, mode: 0o711 });
     await fs.chmod(ROOT_FALLBACK_DIR, 0o711);
     await fs.chmod(home, 0o711);
-    await fs.writeFile(path.join(this.dataDir, 'POSTGRES_LOCATION'), `${home}\n`);
+    await writePrivate(path.join(this.dataDir, 'POSTGRES_LOCATION'), `${home}\n`);
     this.log.warn(
       { dataDir: this.dataDir, pgdata: path.join(home, 'postgres') },
-      'DATA_DIR is not reachable by the postgres OS user (Postgres cannot run as root); keeping the embedded cluster in /var/lib/metabatch instead',
+      `DATA_DIR is not reachable by the ${CLUSTER_ACCOUNT} OS user (Postgres cannot run as root); keeping the embedded cluster in /var/lib/metabatch instead`,
     );
     return home;
   }
 
   /** The superuser password: made once, kept beside the cluster, readable by us only. */
-  private async password(): Promise<string> {
-    const file = path.join(this.home, 'postgres-password');
+  private password(): Promise<string> {
+    return this.secret('postgres-password');
+  }
+
+  /** A password kept in `name` beside the cluster: made once, readable by us only. */
+  private async secret(name: string): Promise<string> {
+    const file = path.join(this.home, name);
     try {
-      return (await fs.readFile(file, 'utf8')).trim();
+      const text = (await fs.readFile(file, 'utf8')).trim();
+      await fs.chmod(file, PRIVATE_FILE_MODE);
+      return text;
     } catch {
       const password = randomBytes(18).toString('base64url');
-      await fs.writeFile(file, `${password}\n`, { mode: 0o600 });
+      await writePrivate(file, `${password}\n`);
       return password;
     }
+  }
+
+  /**
+   * A cluster made by an older release belongs to the `postgres` OS account:
+   * hand it to ours (Postgres runs only as its data directory's owner).
+   */
+  private async adoptCluster(): Promise<void> {
+    if (!this.account) return;
+    const { uid } = await fs.stat(this.pgdata);
+    if (uid === this.account.uid) return;
+    await run('chown', ['-R', `${this.account.uid}:${this.account.gid}`, this.pgdata]);
+    this.log.info(
+      { pgdata: this.pgdata, account: CLUSTER_ACCOUNT },
+      'embedded Postgres cluster handed to its own OS account',
+    );
   }
 
   private async initialise(password: string): Promise<void> {
@@ -205,7 +266,7 @@ export class EmbeddedPostgres {
     }
     await fs.mkdir(pgdata, { recursive: true, mode: 0o700 });
     const pwfile = path.join(this.home, `initdb-password-${randomBytes(6).toString('hex')}`);
-    await fs.writeFile(pwfile, `${password}\n`, { mode: 0o600 });
+    await writePrivate(pwfile, `${password}\n`);
     try {
       if (this.account) {
         await fs.chown(pgdata, this.account.uid, this.account.gid);
@@ -261,7 +322,7 @@ export class EmbeddedPostgres {
     return this.exec(this.binaries!.pg_ctl, args);
   }
 
-  /** Runs a Postgres tool as the postgres user (when root), in a session of its own. */
+  /** Runs a Postgres tool as the cluster's OS account (when root), in a session of its own. */
   private exec(file: string, args: string[]): Promise<{ code: number; output: string }> {
     return new Promise((resolve, reject) => {
       const child = spawn(file, args, {
@@ -293,26 +354,33 @@ async function liveOwner(home: string): Promise<number | undefined> {
   return command.includes('node') ? pid : undefined;
 }
 
-/** As root, Postgres runs as the `postgres` OS user, created if missing. */
-async function postgresAccount(): Promise<Account | undefined> {
+/** As root, Postgres runs as CLUSTER_ACCOUNT, a system user without a shell, created if missing. */
+async function clusterAccount(): Promise<Account | undefined> {
   if (process.getuid?.() !== 0) return undefined;
+  const name = CLUSTER_ACCOUNT;
   const lookup = async () => {
-    const [uid, gid] = await Promise.all([run('id', ['-u', 'postgres']), run('id', ['-g', 'postgres'])]);
+    const [uid, gid] = await Promise.all([run('id', ['-u', name]), run('id', ['-g', name])]);
     return { uid: Number(uid.stdout.trim()), gid: Number(gid.stdout.trim()) };
   };
   try {
     return await lookup();
   } catch {
     try {
-      await run('groupadd', ['--system', 'postgres']).catch(() => undefined);
-      await run('useradd', ['--system', '-g', 'postgres', '-M', '-s', '/usr/sbin/nologin', 'postgres']);
+      await run('groupadd', ['--system', name]).catch(() => undefined);
+      await run('useradd', ['--system', '-g', name, '-M', '-d', '/nonexistent', '-s', '/usr/sbin/nologin', name]);
       return await lookup();
     } catch (err) {
       throw new EmbeddedPostgresError(
-        `running as root, the embedded Postgres needs a 'postgres' OS user and creating it failed (${(err as Error).message}): create it with 'useradd --system postgres', or set DATABASE_URL`,
+        `running as root, the embedded Postgres needs a '${name}' OS user and creating it failed (${(err as Error).message}): create it with 'useradd --system --shell /usr/sbin/nologin ${name}', or set DATABASE_URL`,
       );
     }
   }
+}
+
+/** Writes `file` readable by us only, an existing one included. */
+async function writePrivate(file: string, content: string): Promise<void> {
+  await fs.writeFile(file, content, { mode: PRIVATE_FILE_MODE });
+  await fs.chmod(file, PRIVATE_FILE_MODE);
 }
 
 /**
@@ -346,7 +414,7 @@ async function reachableBinaries(account: Account | undefined, log: Logger): Pro
     await fs.chmod(partial, 0o755);
     await fs.writeFile(path.join(partial, '.complete'), '');
     await fs.rename(partial, copy).catch(async () => fs.rm(partial, { recursive: true, force: true }));
-    log.info({ copy }, 'copied the Postgres binaries where the postgres OS user can run them');
+    log.info({ copy }, `copied the Postgres binaries where the ${CLUSTER_ACCOUNT} OS user can run them`);
   }
   const bin = path.join(copy, 'bin');
   return { initdb: path.join(bin, 'initdb'), pg_ctl: path.join(bin, 'pg_ctl'), postgres: path.join(bin, 'postgres') };
@@ -386,12 +454,48 @@ function bindPort(port: number): Promise<number | undefined> {
   });
 }
 
-async function createDatabaseIfMissing(adminUrl: string, database: string): Promise<void> {
-  const client = new pg.Client({ connectionString: adminUrl });
+/**
+ * SERVICE_ROLE with `password`, the owner of `database` and of everything in
+ * its schema public. A cluster of an older release, where the superuser made
+ * and owned it all, is brought to the same state. Idempotent; run as the
+ * superuser (`serverUrl` without a database).
+ */
+async function provisionServiceRole(serverUrl: string, database: string, password: string): Promise<void> {
+  await asClient(`${serverUrl}/postgres`, async (client) => {
+    const role = client.escapeIdentifier(SERVICE_ROLE);
+    const attributes = `LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS PASSWORD ${client.escapeLiteral(password)}`;
+    const { rowCount: roles } = await client.query('SELECT 1 FROM pg_roles WHERE rolname = $1', [SERVICE_ROLE]);
+    await client.query(`${roles === 0 ? 'CREATE' : 'ALTER'} ROLE ${role} ${attributes}`);
+    const name = client.escapeIdentifier(database);
+    const { rowCount: databases } = await client.query('SELECT 1 FROM pg_database WHERE datname = $1', [database]);
+    if (databases === 0) await client.query(`CREATE DATABASE ${name} OWNER ${role}`);
+    else await client.query(`ALTER DATABASE ${name} OWNER TO ${role}`);
+  });
+  // Tables, their sequences and indexes, views, functions: whatever an older
+  // release migrated as the superuser.
+  await asClient(`${serverUrl}/${database}`, async (client) => {
+    const role = client.escapeIdentifier(SERVICE_ROLE);
+    const { rows } = await client.query<{ kind: string; name: string }>(
+      `SELECT CASE c.relkind WHEN 'v' THEN 'VIEW' WHEN 'm' THEN 'MATERIALIZED VIEW' ELSE 'TABLE' END AS kind,
+              format('%I.%I', n.nspname, c.relname) AS name
+         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p', 'v', 'm', 'f')
+          AND c.relowner <> (SELECT oid FROM pg_roles WHERE rolname = $1)
+       UNION ALL
+       SELECT 'ROUTINE', p.oid::regprocedure::text
+         FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+        WHERE n.nspname = 'public' AND p.proowner <> (SELECT oid FROM pg_roles WHERE rolname = $1)`,
+      [SERVICE_ROLE],
+    );
+    for (const { kind, name } of rows) await client.query(`ALTER ${kind} ${name} OWNER TO ${role}`);
+  });
+}
+
+async function asClient(url: string, work: (client: pg.Client) => Promise<void>): Promise<void> {
+  const client = new pg.Client({ connectionString: url });
   await client.connect();
   try {
-    const { rowCount } = await client.query('SELECT 1 FROM pg_database WHERE datname = $1', [database]);
-    if (rowCount === 0) await client.query(`CREATE DATABASE ${client.escapeIdentifier(database)}`);
+    await work(client);
   } finally {
     await client.end();
   }

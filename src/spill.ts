@@ -54,7 +54,8 @@ export class Spill {
 
   private async writeFile(batch: MetadataBatch): Promise<string> {
     const dir = path.resolve(this.dataDir);
-    await fs.mkdir(dir, { recursive: true });
+    // A DATA_DIR made here is the service's alone, like the files in it.
+    await fs.mkdir(dir, { recursive: true, mode: 0o700 });
     const stamp = new Date().toISOString().replace(/[:.]/g, '');
     const name = `unflushed-metadata-${stamp}-${process.pid}-${randomBytes(4).toString('hex')}.json`;
     const file = path.join(dir, name);

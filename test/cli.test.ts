@@ -45,11 +45,13 @@ describe('metabatch CLI', () => {
 
   it('database-url: prints the URL of the embedded Postgres that a running serve uses, and psql-style clients can use it', async () => {
     const dataDir = await fs.mkdtemp(path.join(os.tmpdir(), 'metabatch-cli-'));
+    // As an operator would: the cluster's OS account (as root) traverses DATA_DIR (README, "The two commands").
+    await fs.chmod(dataDir, 0o711);
     const env = { DATA_DIR: dataDir, PORT: String(await freePort()), LOG_LEVEL: 'info' };
     // Without a service: it starts the embedded Postgres for the occasion, and stops it.
     const alone = run('node', [CLI, 'database-url'], env);
     expect((await alone.exited).code).toBe(0);
-    expect(alone.stdout()).toMatch(/^postgres:\/\/postgres:[^@]+@127\.0\.0\.1:\d+\/metabatch\n$/);
+    expect(alone.stdout()).toMatch(/^postgres:\/\/metabatch:[^@]+@127\.0\.0\.1:\d+\/metabatch\n$/);
     expect(alone.stderr()).toMatch(/"msg":"embedded Postgres started"/);
     expect(alone.stderr()).toMatch(/"msg":"embedded Postgres stopped"/);
     const serve = run('node', [CLI, 'serve'], env);

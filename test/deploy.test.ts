@@ -56,9 +56,42 @@ interface Mount {
 const compose = yaml<ComposeFile>(read('docker-compose.yml'));
 const services = compose.services;
 
-/** What compose would substitute with no variable set: `${X:-default}` and `${X-default}` give their default. */
-function interpolate(value: string): string {
-  return value.replace(/\$\{[A-Za-z_][A-Za-z0-9_]*(?::?-([^}]*))?\}/g, (_, fallback?: string) => fallback ?? '');
+// The secrets the compose file's header says to set; nothing else is set.
+const SECRETS = {
+  ADMIN_TOKEN: 'a-long-admin-token-for-compose',
+  POSTGRES_PASSWORD: 'a-postgres-password',
+  GRAFANA_ADMIN_PASSWORD: 'a-grafana-password',
+};
+
+/** A variable compose refuses to start without (`${X:?message}`). */
+class MissingVariable extends Error {}
+
+/**
+ * What compose substitutes with `vars` set: `${X}`, `${X:-default}` and
+ * `${X-default}`, `${X:+alternative}`, and `${X:?message}`, which refuses.
+ */
+function interpolate(value: string, vars: Record<string, string> = SECRETS): string {
+  return value.replace(
+    /\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?)([-?+])([^}]*))?\}/g,
+    (_, name: string, colon?: string, operator?: string, word?: string) => {
+      const current = vars[name];
+      const set = colon ? current !== undefined && current !== '' : current !== undefined;
+      if (operator === '-') return set ? current! : word!;
+      if (operator === '+') return set ? word! : '';
+      if (operator === '?' && !set) throw new MissingVariable(`${name}: ${word}`);
+      return current ?? '';
+    },
+  );
+}
+
+/** Interpolates every string of the compose file, as `docker compose up` does before anything starts. */
+function interpolateAll(value: unknown, vars: Record<string, string>): unknown {
+  if (typeof value === 'string') return interpolate(value, vars);
+  if (Array.isArray(value)) return value.map((item) => interpolateAll(item, vars));
+  if (value && typeof value === 'object') {
+    return Object.fromEntries(Object.entries(value).map(([key, item]) => [key, interpolateAll(item, vars)]));
+  }
+  return value;
 }
 
 function environment(service: ComposeService): Record<string, string> {
@@ -100,7 +133,7 @@ function mountedAt(service: ComposeService, file: string): string | undefined {
 function ports(service: ComposeService): [number, number][] {
   return (service.ports ?? []).map((port): [number, number] => {
     if (typeof port === 'object') return [Number(port.published), Number(port.target)];
-    const parts = String(port).split(':');
+    const parts = interpolate(String(port)).split(':');
     const container = Number(parts.at(-1));
     return [parts.length > 1 ? Number(parts.at(-2)) : container, container];
   });
@@ -381,12 +414,8 @@ describe('deployment files', () => {
       }
     });
 
-    it('take the admin token from the environment, with a default that says to change it', () => {
-      for (const [, service] of replicas) {
-        // As written, before interpolation.
-        const raw = (service.environment as Record<string, string>).ADMIN_TOKEN;
-        expect(raw).toMatch(/^\$\{ADMIN_TOKEN:-[^}]*change-me[^}]*\}$/);
-      }
+    it('take the admin token from the environment, as it is set', () => {
+      for (const [, service] of replicas) expect(environment(service).ADMIN_TOKEN).toBe(SECRETS.ADMIN_TOKEN);
     });
 
     it('wait for a healthy Postgres and are health-checked on /readyz', () => {
@@ -406,6 +435,54 @@ describe('deployment files', () => {
         const grace = service.stop_grace_period;
         expect(grace, `${name}: stop_grace_period (Docker's default, 10 s, is too short)`).toBeDefined();
         expect(composeDuration(grace!)).toBeGreaterThan(finalFlushTimeoutMs);
+      }
+    });
+  });
+
+  describe('secrets and exposure', () => {
+    it('refuses to start unless ADMIN_TOKEN, POSTGRES_PASSWORD and GRAFANA_ADMIN_PASSWORD are set', () => {
+      expect(() => interpolateAll(compose, SECRETS)).not.toThrow();
+      for (const name of Object.keys(SECRETS)) {
+        for (const unset of [{}, { [name]: '' }]) {
+          const vars = { ...SECRETS, ...unset } as Record<string, string>;
+          if (!(name in unset)) delete vars[name];
+          expect(() => interpolateAll(compose, vars), `${name} unset or empty`).toThrow(MissingVariable);
+        }
+      }
+      // No default anywhere, not even in a comment's example.
+      expect(read('docker-compose.yml')).not.toMatch(/change-me/);
+    });
+
+    it('publishes every port on 127.0.0.1 unless BIND_ADDRESS says otherwise', () => {
+      const published = (vars: Record<string, string>) =>
+        Object.values(services).flatMap((service) =>
+          (service.ports ?? []).map((port) => {
+            if (typeof port !== 'string')
+              throw new Error(`ports in the short syntax, host address first: ${JSON.stringify(port)}`);
+            const parts = interpolate(port, vars).split(':');
+            expect(parts).toHaveLength(3);
+            return parts[0];
+          }),
+        );
+      expect(published(SECRETS)).toHaveLength(3);
+      expect(new Set(published(SECRETS))).toEqual(new Set(['127.0.0.1']));
+      expect(new Set(published({ ...SECRETS, BIND_ADDRESS: '0.0.0.0' }))).toEqual(new Set(['0.0.0.0']));
+    });
+
+    it('gives the replicas a Postgres role that is not the superuser the image makes', () => {
+      const [, postgres] = serviceOfImage('postgres');
+      const superuser = environment(postgres).POSTGRES_USER ?? 'postgres';
+      const script = 'deploy/postgres/metabatch-role.sh';
+      expect(mountedAt(postgres, script)).toMatch(/^\/docker-entrypoint-initdb\.d\//);
+      expect(fs.statSync(path.join(ROOT, script)).mode & 0o111, `${script} is executable`).not.toBe(0);
+      const text = read(script);
+      for (const [, service] of replicas) {
+        const role = new URL(environment(service).DATABASE_URL!).username;
+        expect(role).not.toBe(superuser);
+        expect(text).toMatch(new RegExp(`CREATE ROLE ${role} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE`));
+        expect(text).toMatch(
+          new RegExp(`CREATE DATABASE ${new URL(environment(service).DATABASE_URL!).pathname.slice(1)} OWNER ${role}`),
+        );
       }
     });
   });

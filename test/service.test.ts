@@ -16,6 +16,8 @@ let dataDir: string;
 
 beforeAll(async () => {
   dataDir = await fs.mkdtemp(path.join(os.tmpdir(), 'metabatch-service-'));
+  // As an operator would: the cluster's OS account (as root) traverses DATA_DIR (README, "The two commands").
+  await fs.chmod(dataDir, 0o711);
 });
 afterAll(async () => {
   await fs.rm(dataDir, { recursive: true, force: true });

@@ -20,7 +20,10 @@ export interface Context {
   options: Options;
   /** A temporary directory of this run, removed at the end. */
   work: string;
+  /** As the service connects (on the embedded Postgres, its own role, no superuser). */
   databaseUrl: string;
+  /** The same server as a role that may create databases; the scenarios' own databases are owned by databaseUrl's role. */
+  adminUrl: string;
   pool: pg.Pool;
   keys: string[];
   /** `agents` as JSON, for the load generator. */

@@ -37,16 +37,18 @@ export async function runBench(argv: string[]): Promise<number> {
   );
   const started = Date.now();
   const work = await fs.mkdtemp(path.join(os.tmpdir(), 'metabatch-bench-'));
-  // Reachable by the postgres OS user when running as root.
+  // Reachable by the embedded cluster's OS account when running as root.
   await fs.chmod(work, 0o711);
   const server = await openDatabase({
     databaseUrl: process.env.DATABASE_URL,
     dataDir: path.join(work, 'pg'),
     log,
-    database: 'postgres',
+    database: 'metabatch_bench',
   });
   try {
-    const databaseUrl = await recreateDatabase(server.url, 'metabatch_bench');
+    // The embedded Postgres makes it, owned by the service's role (as the
+    // service runs); a DATABASE_URL's server gets it made afresh.
+    const databaseUrl = server.adminUrl ? server.url : await recreateDatabase(server.url, 'metabatch_bench');
     // The service's session settings (asynchronous commit), so the raw limits compare like with like.
     const pool = createPool(databaseUrl, log, { max: 4, asyncCommit: true });
     try {
@@ -57,7 +59,8 @@ export async function runBench(argv: string[]): Promise<number> {
       const agentsFile = path.join(work, 'agents.json');
       const agents = await provision(pool, options.agents, keys, agentsFile);
       const probes = await provision(pool, 4, ['probe'], path.join(work, 'probes.json'));
-      const context: Context = { options, work, databaseUrl, pool, keys, agentsFile, agents, probes };
+      const adminUrl = server.adminUrl ?? server.url;
+      const context: Context = { options, work, databaseUrl, adminUrl, pool, keys, agentsFile, agents, probes };
 
       const machine: Machine = {
         node: process.version,

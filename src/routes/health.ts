@@ -1,7 +1,9 @@
 // /healthz: the process answers. /readyz: it can take traffic (not shutting
 // down, database reachable, flushes succeeding); it asks the database each
-// time, and `metabatch_database_up` reads the same answer. /metrics:
-// Prometheus.
+// time, and `metabatch_database_up` reads the same answer. It answers anyone,
+// so it names the reason's class only: the error itself (which can carry the
+// database's address, its name, a user) goes to the log, once per change of
+// state (health.ts, the batcher). /metrics: Prometheus.
 
 import type { FastifyPluginAsyncTypebox } from '@fastify/type-provider-typebox';
 import { Type } from 'typebox';
@@ -53,8 +55,8 @@ export const healthRoutes: FastifyPluginAsyncTypebox<{
         response: {
           200: json('Ready.', Type.Object({ status: Type.Literal('ready') })),
           503: json(
-            'Not ready; `error` says why: `shutting down`, `database unreachable: …`, or `database writes are ' +
-              'failing; …` (Postgres answers but batch UPDATEs fail).',
+            'Not ready; `error` says why, as a class: `shutting down`, `database unreachable`, or `database ' +
+              'writes are failing` (Postgres answers but batch UPDATEs fail). The error itself is in the log.',
             NotReady,
           ),
           ...errors({ 431: HEADERS_TOO_LARGE }),
@@ -64,13 +66,10 @@ export const healthRoutes: FastifyPluginAsyncTypebox<{
     async (_request, reply) => {
       if (shuttingDown()) return reply.code(503).send({ status: 'shutting down', error: 'shutting down' });
       if (!(await readiness.database.check())) {
-        const error = `database unreachable: ${readiness.database.error ?? 'no answer'}`;
-        return reply.code(503).send({ status: 'database unreachable', error });
+        return reply.code(503).send({ status: 'database unreachable', error: 'database unreachable' });
       }
       if (readiness.flushesFailing()) {
-        return reply
-          .code(503)
-          .send({ status: 'degraded', error: 'database writes are failing; updates are held and retried' });
+        return reply.code(503).send({ status: 'degraded', error: 'database writes are failing' });
       }
       return { status: 'ready' } as const;
     },

@@ -4,7 +4,7 @@
 import { randomBytes } from 'node:crypto';
 import pg from 'pg';
 import { afterAll, afterEach, beforeAll, inject } from 'vitest';
-import { createPool, dropDatabase, recreateDatabase } from '../../src/database.js';
+import { createPool, databaseUrlFor, dropDatabase, recreateDatabase } from '../../src/database.js';
 import { createLogger } from '../../src/logger.js';
 import { provisionAgents } from '../../src/provision.js';
 import { TEMPLATE_DATABASE } from './globalSetup.js';
@@ -12,6 +12,7 @@ import { TEMPLATE_DATABASE } from './globalSetup.js';
 export interface TestDatabase {
   /** The database's name on the test server. */
   name: string;
+  /** As the role the service connects as: on the embedded server, the database's owner, no superuser. */
   url: string;
   pool: pg.Pool;
   /** Creates agents with the given keys declared, straight in SQL. */
@@ -21,8 +22,12 @@ export interface TestDatabase {
 
 export async function createTestDatabase(): Promise<TestDatabase> {
   const serverUrl = inject('serverUrl');
+  const serviceUrl = inject('serviceUrl');
   const name = `t_${randomBytes(6).toString('hex')}`;
-  const url = await recreateDatabase(serverUrl, name, TEMPLATE_DATABASE);
+  // Owned by the role that owns the template's tables (and so its clones').
+  const owner = decodeURIComponent(new URL(serviceUrl).username);
+  await recreateDatabase(serverUrl, name, TEMPLATE_DATABASE, owner);
+  const url = databaseUrlFor(serviceUrl, name);
   const pool = createPool(url, createLogger('silent'), { max: 10 });
   return {
     name,

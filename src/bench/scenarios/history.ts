@@ -9,7 +9,7 @@ import { randomInt } from 'node:crypto';
 import type pg from 'pg';
 import type { MetadataBatch } from '../../batch.js';
 import { DEFAULT_NOTIFY_CHANNEL } from '../../config.js';
-import { createPool, dropDatabase, migrate, recreateDatabase } from '../../database.js';
+import { createPool, databaseUrlFor, dropDatabase, migrate, recreateDatabase } from '../../database.js';
 import { provisionAgents } from '../../provision.js';
 import { MetadataStore } from '../../store.js';
 import { BATCH_SIZE, log, progress, type Context, type Scenario } from '../context.js';
@@ -43,7 +43,9 @@ async function measure(context: Context) {
   const { keys, options } = context;
   const { tableRows, smallBatches, largeBatches } = plan(options);
   progress(`history: the flush at ${tableRows.map((n) => fmt(n)).join(' / ')} rows in the table`);
-  const url = await recreateDatabase(context.databaseUrl, DATABASE);
+  const owner = decodeURIComponent(new URL(context.databaseUrl).username);
+  await recreateDatabase(context.adminUrl, DATABASE, undefined, owner);
+  const url = databaseUrlFor(context.databaseUrl, DATABASE);
   // The service's pool: its planner settings and asynchronous commit.
   const pool = createPool(url, log, { asyncCommit: true });
   try {
@@ -103,7 +105,7 @@ async function measure(context: Context) {
   } finally {
     await pool.end();
     // A million rows need not outlive the measurement (the embedded server goes anyway, a DATABASE_URL's does not).
-    await dropDatabase(context.databaseUrl, DATABASE);
+    await dropDatabase(context.adminUrl, DATABASE);
   }
 }
 
