@@ -1,12 +1,17 @@
 // Who may call what: the onRequest hooks that authenticate a request and set
 // `request.caller`, by the admin token or an agent's token. Refused requests
-// fail with an HttpError (401, 403; 503 when a token cannot be checked).
+// fail with an HttpError (401, 403; 503 when a token cannot be checked). Each
+// refusal for the credentials is recorded (authFailures.ts): counted by kind,
+// logged, and charged to the client's address, which past its bound gets 429
+// before any token is looked up.
 
 import type { FastifyReply, FastifyRequest, HookHandlerDoneFunction } from 'fastify';
 import { isUuid } from './agentIdChunks.js';
 import { bearerToken, secretsEqual, type AgentAuthenticator } from './auth.js';
+import { AuthError, type AuthFailures } from './authFailures.js';
 import { HttpError } from './errors.js';
 import { BODY_LIMIT_BYTES } from './limits.js';
+import { agentTokenShape, TOKEN_PREFIX } from './tokens.js';
 
 /** Who a request speaks for: the admin, or one agent. */
 export type Caller = { kind: 'admin' } | { kind: 'agent'; agentId: string };
@@ -23,20 +28,48 @@ export type Authenticate = (request: FastifyRequest, reply: FastifyReply, done: 
 /**
  * A callback-style hook around a check that is synchronous when the token is
  * cached (the common case: no promise, no extra tick), and a promise when it
- * must ask the database.
+ * must ask the database. First of all, an address that used up its failures
+ * is refused.
  */
-function hook(check: (request: FastifyRequest) => void | Promise<void>): Authenticate {
-  return (request, _reply, done) => {
+function hook(failures: AuthFailures, check: (request: FastifyRequest) => void | Promise<void>): Authenticate {
+  return (request, reply, done) => {
+    const retryAfter = failures.retryAfter(request.ip);
+    if (retryAfter !== undefined) {
+      // As JSON, not by the route's 429 schema: the POST's own 429 is `{accepted, dropped}`.
+      void reply.header('retry-after', String(retryAfter)).serializer(JSON.stringify);
+      done(
+        new HttpError(
+          429,
+          `too many failed authentications from this address: retry in ${retryAfter} s with a valid token`,
+        ),
+      );
+      return;
+    }
+    const refused = (err: unknown): void => {
+      if (err instanceof AuthError) failures.record(request.ip, err.kind, request.routeOptions.url);
+      done(err as Error);
+    };
     let pending: void | Promise<void>;
     try {
       refuseOversizeBody(request);
       pending = check(request);
     } catch (err) {
-      done(err as Error);
+      refused(err);
       return;
     }
-    if (pending) pending.then(() => done(), done);
-    else done();
+    if (pending) {
+      const lookupEnded = failures.lookupStarted(request.ip);
+      pending.then(
+        () => {
+          lookupEnded();
+          done();
+        },
+        (err: unknown) => {
+          lookupEnded();
+          refused(err);
+        },
+      );
+    } else done();
   };
 }
 
@@ -64,10 +97,11 @@ function adminMatches(adminToken: string | undefined, token: string | undefined)
 }
 
 /**
- * Sets the caller to the token's agent: 401 for an unknown token, 403 for
- * another agent's than the route's `agentId` (a route without one checks
- * what the agent may see itself), 503 when the database cannot answer.
- * Synchronous when the token is cached, a promise when it must be looked up.
+ * Sets the caller to the token's agent: 401 for an unknown token (one of a
+ * shape no version issued is refused without a query), 403 for another
+ * agent's than the route's `agentId` (a route without one checks what the
+ * agent may see itself), 503 when the database cannot answer. Synchronous
+ * when the token is cached or malformed, a promise when it must be looked up.
  */
 function asTokenAgent(
   request: FastifyRequest,
@@ -75,10 +109,15 @@ function asTokenAgent(
   token: string,
   agentId: string | undefined,
   unknown: string,
+  malformedKind: 'malformed' | 'bad_admin_token' = 'malformed',
 ): void | Promise<void> {
   const accept = (owner: string | undefined): void => {
-    if (owner === undefined) throw new HttpError(401, unknown);
-    if (agentId !== undefined && owner !== agentId) throw new HttpError(403, 'this token belongs to another agent');
+    if (owner === undefined) {
+      const malformed = agentTokenShape(token) === 'malformed';
+      throw new AuthError(401, unknown, malformed ? malformedKind : 'unknown_agent_token');
+    }
+    if (agentId !== undefined && owner !== agentId)
+      throw new AuthError(403, 'this token belongs to another agent', 'wrong_agent');
     request.caller = { kind: 'agent', agentId: owner };
   };
   const owner = auth.agentForToken(token);
@@ -89,36 +128,45 @@ function asTokenAgent(
 }
 
 /** The route's agent, by its own token: 401 without a valid token, 403 with another agent's. */
-export function agentOnly(auth: AgentAuthenticator): Authenticate {
-  return hook((request) => {
+export function agentOnly(auth: AgentAuthenticator, failures: AuthFailures): Authenticate {
+  return hook(failures, (request) => {
     const agentId = requireAgentIdParam(request);
     const token = bearerToken(request.headers.authorization);
-    if (token === undefined) throw new HttpError(401, 'missing agent token: send Authorization: Bearer <token>');
+    if (token === undefined)
+      throw new AuthError(401, 'missing agent token: send Authorization: Bearer <token>', 'missing');
     return asTokenAgent(request, auth, token, agentId, 'invalid agent token');
   });
 }
 
-export function adminOnly(adminToken: string | undefined): Authenticate {
-  return hook((request) => {
+export function adminOnly(adminToken: string | undefined, failures: AuthFailures): Authenticate {
+  return hook(failures, (request) => {
+    // A setting of the service, not a credential refused: not counted.
     if (adminToken === undefined) throw new HttpError(403, 'admin API disabled: set ADMIN_TOKEN');
     requireAgentIdParam(request);
     const token = bearerToken(request.headers.authorization);
-    if (token === undefined) throw new HttpError(401, 'missing admin token: send Authorization: Bearer <ADMIN_TOKEN>');
-    if (!adminMatches(adminToken, token)) throw new HttpError(401, 'invalid admin token');
+    if (token === undefined)
+      throw new AuthError(401, 'missing admin token: send Authorization: Bearer <ADMIN_TOKEN>', 'missing');
+    if (!adminMatches(adminToken, token)) throw new AuthError(401, 'invalid admin token', 'bad_admin_token');
     request.caller = { kind: 'admin' };
   });
 }
 
-export function adminOrAgent(adminToken: string | undefined, auth: AgentAuthenticator): Authenticate {
-  return hook((request) => {
+export function adminOrAgent(
+  adminToken: string | undefined,
+  auth: AgentAuthenticator,
+  failures: AuthFailures,
+): Authenticate {
+  return hook(failures, (request) => {
     const agentId = requireAgentIdParam(request);
     const token = bearerToken(request.headers.authorization);
     if (token === undefined)
-      throw new HttpError(401, 'missing token: send Authorization: Bearer <admin or agent token>');
+      throw new AuthError(401, 'missing token: send Authorization: Bearer <admin or agent token>', 'missing');
     if (adminMatches(adminToken, token)) {
       request.caller = { kind: 'admin' };
       return;
     }
-    return asTokenAgent(request, auth, token, agentId, 'invalid token');
+    // Without the agent tokens' prefix it was meant as the admin token (a typo at the live page's sign-in).
+    const malformedKind = token.startsWith(TOKEN_PREFIX) ? 'malformed' : 'bad_admin_token';
+    return asTokenAgent(request, auth, token, agentId, 'invalid token', malformedKind);
   });
 }

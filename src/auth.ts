@@ -1,14 +1,16 @@
 // Who is calling. Agent tokens are looked up by their SHA-256, cached in a
 // bounded LRU so that the ingest path does not touch the database on every
-// request; unknown tokens are remembered briefly so a flood of bad tokens
-// cannot become a flood of queries. The cache forgets what the control
-// channel says changed: a rotated or deleted agent's tokens at once, every
-// "unknown" when an agent is created anywhere, everything after the LISTEN
-// connection reconnects (messages may have been missed).
+// request; unknown tokens are remembered briefly so that one bad token
+// repeated cannot become a flood of queries, and a token whose shape no
+// version ever issued (tokens.ts) is refused without any query at all. The
+// cache forgets what the control channel says changed: a rotated or deleted
+// agent's tokens at once, every "unknown" when an agent is created anywhere,
+// everything after the LISTEN connection reconnects (messages may have been
+// missed).
 
 import { timingSafeEqual } from 'node:crypto';
 import { LRUCache } from 'lru-cache';
-import { hashToken, hashTokenBase64 } from './tokens.js';
+import { agentTokenShape, hashToken, hashTokenBase64 } from './tokens.js';
 
 export interface TokenLookup {
   agentIdForTokenHash(tokenHash: Buffer): Promise<string | undefined>;
@@ -52,6 +54,8 @@ export class AgentAuthenticator {
     const hit = this.known.get(key);
     if (hit !== undefined) return hit;
     if (this.unknown.has(key)) return undefined;
+    // A token no version ever issued (a bad checksum, a wrong length) is refused without a query.
+    if (agentTokenShape(token) === 'malformed') return undefined;
     let lookup = this.pending.get(key);
     if (!lookup) {
       const generation = this.generation;

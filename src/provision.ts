@@ -2,9 +2,9 @@
 // what the benchmark and the tests need (thousands of agents in a second),
 // where the API would create them one request at a time.
 
-import { randomBytes, randomUUID } from 'node:crypto';
+import { randomUUID } from 'node:crypto';
 import type pg from 'pg';
-import { hashToken } from './tokens.js';
+import { hashToken, newAgentToken } from './tokens.js';
 
 export interface ProvisionedAgent {
   id: string;
@@ -24,7 +24,7 @@ export async function provisionAgents(
 ): Promise<ProvisionedAgent[]> {
   const agents = Array.from({ length: count }, () => ({
     id: randomUUID(),
-    token: `mbt_${randomBytes(24).toString('base64url')}`,
+    token: newAgentToken(),
   }));
   for (let i = 0; i < agents.length; i += SLICE) {
     const slice = agents.slice(i, i + SLICE);
