@@ -26,7 +26,12 @@ export function parseControlMessage(payload: string): ControlMessage {
 /** What a control message changes on this replica. */
 export interface ControlTargets {
   auth: { forgetAgent(agentId: string): void; forgetUnknown(): void };
-  watchHub: { onCreated(agentId: string): void; onDeleted(agentId: string): void };
+  /** The watch streams: a deleted agent leaves them; those opened with a revoked token end (`event: revoked`). */
+  watchHub: {
+    onCreated(agentId: string): void;
+    onDeleted(agentId: string): void;
+    revoke(agentId: string, why: 'token rotated'): void;
+  };
   /** The open ingest streams: a revoked agent's are closed (4001). */
   streams: { revoke(agentId: string): void };
 }
@@ -56,6 +61,7 @@ export function applyControlPayload(
       break;
     case 'token':
       targets.auth.forgetAgent(message.agent_id);
+      targets.watchHub.revoke(message.agent_id, 'token rotated');
       targets.streams.revoke(message.agent_id);
       break;
     default:

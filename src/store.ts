@@ -94,9 +94,12 @@ ON CONFLICT (workspace_agent_id, key) DO UPDATE SET
 
 // The rows of several agents in one query, and which of them do not exist
 // (the row of an unknown agent has a null exists column); optionally only
-// some keys, and the script only when asked for (it can be 64 KB).
+// some keys, and the script only when asked for (it can be 64 KB). Each row
+// also carries its agent's token hash, read in the same snapshot: a watch
+// stream opened with an older token gets none of these rows (watch.ts).
 const selectMetadataOfAgents = `
-SELECT q.id::text AS agent_id, a.id IS NOT NULL AS exists, m.key, m.display_name,
+SELECT q.id::text AS agent_id, a.id IS NOT NULL AS exists, encode(a.token_hash, 'base64') AS token_hash,
+       m.key, m.display_name,
        CASE WHEN $3::bool THEN m.script ELSE '' END AS script,
        m.interval::float8 AS interval, m.timeout::float8 AS timeout, m.display_order, m.value, m.error, m.collected_at
 FROM unnest($1::uuid[]) AS q(id)
@@ -131,6 +134,8 @@ export interface MetadataOfAgents {
   agents: Map<string, MetadataRow[]>;
   /** The agents asked for that do not exist. */
   missing: string[];
+  /** Each existing agent's token hash (SHA-256, base64) as of the same read. */
+  tokenHashes?: Map<string, string>;
 }
 
 export interface MetadataStoreOptions {
@@ -241,23 +246,27 @@ export class MetadataStore implements MetadataWriter {
     options: MetadataReadOptions,
   ): Promise<MetadataOfAgents> {
     const ids = [...new Set(agentIds)];
-    const { rows } = await queryable.query<MetadataRow & { agent_id: string; exists: boolean }>(
+    const { rows } = await queryable.query<MetadataRow & { agent_id: string; exists: boolean; token_hash: string }>(
       selectMetadataOfAgents,
       [ids, options.keys ?? null, options.includeScript ?? false],
     );
     const agents = new Map<string, MetadataRow[]>();
+    const tokenHashes = new Map<string, string>();
     const missing = new Set<string>();
-    for (const { agent_id, exists, ...row } of rows) {
+    for (const { agent_id, exists, token_hash, ...row } of rows) {
       if (!exists) {
         missing.add(agent_id);
         continue;
       }
       let list = agents.get(agent_id);
-      if (!list) agents.set(agent_id, (list = []));
+      if (!list) {
+        agents.set(agent_id, (list = []));
+        tokenHashes.set(agent_id, token_hash);
+      }
       // An agent with no (matching) keys comes as one row of nulls.
       if (row.key !== null) list.push(row);
     }
-    return { agents, missing: ids.filter((id) => missing.has(id)) };
+    return { agents, missing: ids.filter((id) => missing.has(id)), tokenHashes };
   }
 
   private async transaction<T>(work: (client: PoolClient) => Promise<T>): Promise<T> {

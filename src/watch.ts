@@ -8,31 +8,34 @@
 // - at least every 5 s, so `age` stays true;
 // - a keep-alive ping every 15 s on its own schedule.
 // One read per tick serves every stream, whatever their number, and agents
-// nobody watches are never read. A slow client holds at most the newest
-// event per agent it watches (older ones are dropped and counted), so its
-// buffer is bounded by what it watches, never by time.
-//
-// Longer than our other files: the hub (subscriptions, the tick's one read,
-// resync) and the per-stream state it writes into share their bookkeeping,
-// and split apart each would need the other's internals.
+// nobody watches are never read. What a slow client may cost, and how many
+// streams a token may hold, is watchStream.ts's and watchLimits.ts's. A
+// stream opened with an agent's token ends (`event: revoked`) when the token
+// is rotated or the agent deleted: at the control message, or at the first
+// read that finds another token (the message may still be on its way), so it
+// is never sent a value read after the change.
 
 import type { Logger } from 'pino';
 import { uncounted, type BackgroundRunner } from './background.js';
 import { systemClock, type Clock } from './clock.js';
 import type { WatchMetrics } from './metrics.js';
 import type { MetadataOfAgents, MetadataRow } from './store.js';
+import {
+  REVOCATION_CLOSE_REASON,
+  WatchLimits,
+  type WatchLimitOptions,
+  type WatchOwner,
+  type WatchRevocation,
+} from './watchLimits.js';
+import { watchEvent, WatchStream, type WatchEvent, type WatchSink } from './watchStream.js';
+import { dataEvent, type WatchFormat } from './watchView.js';
+
+export type { WatchSink } from './watchStream.js';
+export { WatchStream } from './watchStream.js';
+export { isStale, toView, type MetadataView, type WatchFormat } from './watchView.js';
 
 export interface WatchSource {
   getMetadataOfAgents(agentIds: readonly string[]): Promise<MetadataOfAgents>;
-}
-
-/** Where a stream's events go: an HTTP response in production. */
-export interface WatchSink {
-  /** Returns false when the client is not keeping up (the chunk is still buffered). */
-  write(chunk: string): boolean;
-  /** Called once when the buffered chunks have been taken. */
-  onceDrained(callback: () => void): void;
-  end(): void;
 }
 
 export interface WatchHubOptions {
@@ -42,127 +45,32 @@ export interface WatchHubOptions {
   clock?: Clock;
   /** Counts each tick as the background process `watch_tick` (background.ts). Default: not counted. */
   background?: BackgroundRunner;
+  /** Streams open at most, per replica and per admin token (watchLimits.ts). Default: config.ts's. */
+  limits?: WatchLimitOptions;
 }
-
-/** One row as clients see it. */
-export interface MetadataView {
-  key: string;
-  display_name: string;
-  display_order: number;
-  interval: number;
-  timeout: number;
-  value: string;
-  error: string;
-  collected_at: string;
-  /** Whole seconds since collected_at. */
-  age: number;
-  /** Older than its interval allows: `interval > 0 && age > max(interval + 2 × timeout, 5)`. */
-  stale: boolean;
-  /** Present (true) when the key was never reported. */
-  pending?: true;
-  /** Only when asked for (bulk read with include_script). */
-  script?: string;
-}
-
-/**
- * How a stream's data events look: `list`, the agent's list alone (the
- * one-agent watch); `agent`, `{"agent_id","metadata"}` (the many-agent watch).
- */
-export type WatchFormat = 'list' | 'agent';
 
 // Coder's intervals: a send tick of 1 s, a forced resend every 5 s (keeps
 // `age` true), a heartbeat every 15 s.
 const TICK_MS = 1000;
 const RESEND_MS = 5000;
 const PING_MS = 15_000;
-// The original's "never reported": collected_at in the year 1.
-const NEVER_REPORTED_BEFORE = Date.parse('1000-01-01T00:00:00Z');
-
-/** One SSE connection, watching some agents (or every agent). */
-export class WatchStream {
-  readonly agents = new Set<string>();
-  lastPingAt = 0;
-  private sink: WatchSink | undefined;
-  private blocked = false;
-  /** While the client is slow: the newest event per agent, in arrival order. */
-  private readonly outbox = new Map<string, string>();
-
-  constructor(
-    readonly format: WatchFormat,
-    /** Every agent, those created later included. */
-    readonly all: boolean,
-    private readonly metrics: WatchMetrics,
-  ) {}
-
-  get open(): boolean {
-    return this.sink !== undefined;
-  }
-
-  connect(sink: WatchSink, now: number): void {
-    this.sink = sink;
-    this.lastPingAt = now;
-  }
-
-  /** Sends an agent's event now, or keeps it as that agent's one pending event while the client is slow. */
-  send(agentId: string, chunk: string): void {
-    if (!this.sink) return;
-    if (this.blocked) {
-      if (this.outbox.has(agentId)) {
-        this.outbox.delete(agentId);
-        this.metrics.eventsDroppedTotal.inc();
-      }
-      this.outbox.set(agentId, chunk);
-      return;
-    }
-    this.write(chunk);
-  }
-
-  /** A keep-alive; skipped while the client is slow (bytes are waiting for it anyway). */
-  ping(now: number): void {
-    this.lastPingAt = now;
-    if (this.sink && !this.blocked) this.write(': ping\n\n');
-  }
-
-  end(): void {
-    const sink = this.sink;
-    this.sink = undefined;
-    this.outbox.clear();
-    sink?.end();
-  }
-
-  /** Forgets the client without ending it (it went away). */
-  detach(): void {
-    this.sink = undefined;
-    this.outbox.clear();
-  }
-
-  private write(chunk: string): void {
-    const sink = this.sink!;
-    this.metrics.eventsSentTotal.inc();
-    if (sink.write(chunk)) return;
-    this.blocked = true;
-    sink.onceDrained(() => this.drain());
-  }
-
-  private drain(): void {
-    this.blocked = false;
-    for (const [agentId, chunk] of this.outbox) {
-      this.outbox.delete(agentId);
-      if (!this.sink) return;
-      this.write(chunk);
-      if (this.blocked) return;
-    }
-  }
-}
 
 interface Watched {
   streams: Set<WatchStream>;
   rows: MetadataRow[] | undefined;
+  /** The agent's token hash as read with `rows`: a stream opened with another token gets nothing more. */
+  tokenHash: string | undefined;
   /** A batch named the agent (or the listener reconnected) since its rows were read. */
   dirty: boolean;
   /** When its data was last sent to all its streams. */
   lastSentAt: number;
+  /** The events last made of `rows`, shared by the streams that open during the same tick. */
+  events: { rows: MetadataRow[]; tick: number; byFormat: Partial<Record<WatchFormat, WatchEvent>> } | undefined;
 }
+
+// A revoked stream's last events are written within this, or its
+// connection is dropped: revocation ends every stream within a second.
+const FINISH_GRACE_MS = 500;
 
 export class WatchHub {
   private readonly source: WatchSource;
@@ -170,11 +78,16 @@ export class WatchHub {
   private readonly log: Logger;
   private readonly clock: Clock;
   private readonly background: BackgroundRunner;
+  private readonly limits: WatchLimits;
   private readonly agents = new Map<string, Watched>();
   private readonly streams = new Set<WatchStream>();
+  /** Streams writing their last events, and the timer that drops them if they take too long. */
+  private readonly finishing = new Map<WatchStream, unknown>();
   private timer: unknown;
   private ticking = false;
   private closed = false;
+  /** Counts ticks: the events of one tick are one generation (watchStream.ts). */
+  private tickCount = 0;
 
   constructor(options: WatchHubOptions) {
     this.source = options.source;
@@ -182,6 +95,7 @@ export class WatchHub {
     this.log = options.logger;
     this.clock = options.clock ?? systemClock;
     this.background = options.background ?? uncounted;
+    this.limits = new WatchLimits(options.limits ?? {}, this.metrics);
     this.metrics.bind({ streams: () => this.streams.size, agents: () => this.agents.size });
     this.schedule();
   }
@@ -193,9 +107,14 @@ export class WatchHub {
   /**
    * Registers a stream before its first read, so that no batch between the
    * two is missed. For `all`, agents created from now on join it too.
+   * Throws a 429 HttpError when its owner or the replica has all its streams.
    */
-  open(agentIds: readonly string[], options: { format: WatchFormat; all?: boolean }): WatchStream {
-    const stream = new WatchStream(options.format, options.all ?? false, this.metrics);
+  open(agentIds: readonly string[], options: { format: WatchFormat; all?: boolean; owner?: WatchOwner }): WatchStream {
+    this.limits.take(options.owner);
+    // A stream that ends by itself (too slow, or its last events written) leaves at once.
+    const stream = new WatchStream(options.format, options.all ?? false, options.owner, this.metrics, (ended) =>
+      this.remove(ended),
+    );
     this.streams.add(stream);
     this.addAgents(stream, agentIds);
     return stream;
@@ -203,6 +122,7 @@ export class WatchHub {
 
   /** Adds agents to a stream (its initial ones, or every agent for an `all` stream). */
   addAgents(stream: WatchStream, agentIds: readonly string[]): void {
+    if (!this.streams.has(stream)) return;
     for (const id of agentIds) {
       if (stream.agents.has(id)) continue;
       stream.agents.add(id);
@@ -212,18 +132,25 @@ export class WatchHub {
 
   /**
    * The rows last read of these agents, for those no batch has named since:
-   * the agents a new stream needs no query for. The others (`unread`) must be
-   * read by the caller.
+   * the agents a new stream needs no query for, with their token hashes. The
+   * others (`unread`) must be read by the caller.
    */
-  cached(agentIds: readonly string[]): { rows: Map<string, MetadataRow[]>; unread: string[] } {
+  cached(agentIds: readonly string[]): {
+    rows: Map<string, MetadataRow[]>;
+    unread: string[];
+    tokenHashes: Map<string, string>;
+  } {
     const rows = new Map<string, MetadataRow[]>();
+    const tokenHashes = new Map<string, string>();
     const unread: string[] = [];
     for (const id of agentIds) {
       const watched = this.agents.get(id);
-      if (watched?.rows && !watched.dirty) rows.set(id, watched.rows);
-      else unread.push(id);
+      if (watched?.rows && !watched.dirty) {
+        rows.set(id, watched.rows);
+        if (watched.tokenHash !== undefined) tokenHashes.set(id, watched.tokenHash);
+      } else unread.push(id);
     }
-    return { rows, unread };
+    return { rows, unread, tokenHashes };
   }
 
   /**
@@ -235,6 +162,7 @@ export class WatchHub {
     sink: WatchSink,
     read: Map<string, MetadataRow[]>,
     missing: readonly string[] = [],
+    tokenHashes: ReadonlyMap<string, string> = new Map(),
   ): void {
     if (this.closed || !this.streams.has(stream)) {
       sink.end();
@@ -246,15 +174,21 @@ export class WatchHub {
     for (const [id, rows] of read) {
       const watched = this.agents.get(id);
       if (!watched || !stream.agents.has(id)) continue;
-      if (!watched.dirty) watched.rows = rows;
-      stream.send(id, dataEvent(stream.format, id, rows, now));
+      if (!watched.dirty) {
+        watched.rows = rows;
+        watched.tokenHash = tokenHashes.get(id) ?? watched.tokenHash;
+      }
+      stream.send(id, this.eventOf(watched, id, stream.format, rows, now));
     }
   }
 
   /** Forgets a stream at once (its client went away). */
   remove(stream: WatchStream): void {
     if (!this.streams.delete(stream)) return;
+    this.limits.release(stream.owner);
     stream.detach();
+    this.clock.clearTimeout(this.finishing.get(stream));
+    this.finishing.delete(stream);
     for (const id of stream.agents) this.unwatch(stream, id);
     stream.agents.clear();
   }
@@ -283,9 +217,26 @@ export class WatchHub {
 
   /** An agent was deleted: each stream watching it gets `event: deleted`, and it leaves them. */
   onDeleted(agentId: string): void {
+    this.revoke(agentId, 'agent deleted');
     const watched = this.agents.get(agentId);
     if (!watched) return;
     for (const stream of [...watched.streams]) this.leave(stream, agentId);
+  }
+
+  /**
+   * The agent's token was rotated, or the agent deleted: every stream opened
+   * with its token ends with `event: revoked` (after `event: deleted` for a
+   * delete), and its next stream is checked against the database's token.
+   */
+  revoke(agentId: string, why: WatchRevocation): void {
+    const watched = this.agents.get(agentId);
+    if (!watched) return;
+    // What was cached was read with the old token: read the agent again before serving it.
+    watched.dirty = true;
+    watched.tokenHash = undefined;
+    for (const stream of [...watched.streams]) {
+      if (stream.owner?.kind === 'agent' && stream.owner.agentId === agentId) this.endRevoked(stream, agentId, why);
+    }
   }
 
   /** Ends every stream (shutdown). */
@@ -313,14 +264,19 @@ export class WatchHub {
   /** Sends what changed and what is due for a resend, and the pings that are due. */
   private send(fresh: Set<string>): void {
     const now = this.clock.Date.now();
+    this.tickCount++;
     for (const [id, watched] of this.agents) {
       if (!watched.rows || !(fresh.has(id) || now - watched.lastSentAt >= RESEND_MS)) continue;
       watched.lastSentAt = now;
-      const events: Partial<Record<WatchFormat, string>> = {};
-      for (const stream of watched.streams) {
+      for (const stream of [...watched.streams]) {
         if (!stream.open) continue;
-        const event = (events[stream.format] ??= dataEvent(stream.format, id, watched.rows, now));
-        stream.send(id, event);
+        if (stream.owner?.kind === 'agent' && stream.owner.tokenHash !== watched.tokenHash) {
+          // Read after the token changed, before the control message arrived (or it was
+          // missed): ended. Unknown (revoked, not read again yet): nothing sent.
+          if (watched.tokenHash !== undefined) this.endRevoked(stream, id, 'token rotated');
+          continue;
+        }
+        stream.send(id, this.eventOf(watched, id, stream.format, watched.rows, now));
       }
     }
     for (const stream of this.streams) {
@@ -353,6 +309,7 @@ export class WatchHub {
       // dirty for the next tick): under a continuous stream of batches, waiting
       // for a read with no batch in between would starve it.
       watched.rows = rows;
+      watched.tokenHash = read.tokenHashes?.get(id);
       fresh.add(id);
     }
     // Gone, though no control message said so (it may have been missed).
@@ -360,10 +317,25 @@ export class WatchHub {
     return fresh;
   }
 
+  /** The agent's data event in this format, made once per rows and tick and shared by every stream. */
+  private eventOf(watched: Watched, id: string, format: WatchFormat, rows: MetadataRow[], now: number): WatchEvent {
+    if (watched.events?.rows !== rows || watched.events.tick !== this.tickCount) {
+      watched.events = { rows, tick: this.tickCount, byFormat: {} };
+    }
+    return (watched.events.byFormat[format] ??= watchEvent(dataEvent(format, id, rows, now), this.tickCount));
+  }
+
   private watched(agentId: string): Watched {
     let watched = this.agents.get(agentId);
     if (!watched) {
-      watched = { streams: new Set(), rows: undefined, dirty: false, lastSentAt: this.clock.Date.now() };
+      watched = {
+        streams: new Set(),
+        rows: undefined,
+        tokenHash: undefined,
+        dirty: false,
+        lastSentAt: this.clock.Date.now(),
+        events: undefined,
+      };
       this.agents.set(agentId, watched);
     }
     return watched;
@@ -373,11 +345,40 @@ export class WatchHub {
   private leave(stream: WatchStream, agentId: string): void {
     if (!stream.agents.delete(agentId)) return;
     this.unwatch(stream, agentId);
-    stream.send(agentId, `event: deleted\ndata: ${JSON.stringify({ agent_id: agentId })}\n\n`);
-    if (stream.format === 'list') {
-      stream.end();
+    const deleted = watchEvent(`event: deleted\ndata: ${JSON.stringify({ agent_id: agentId })}\n\n`, this.tickCount);
+    if (stream.format === 'list') this.finish(stream, [[agentId, deleted]]);
+    else stream.send(agentId, deleted);
+  }
+
+  /** A stream opened with a token revoked since: its last event says why, and it ends (or, not yet attached, is refused). */
+  private endRevoked(stream: WatchStream, agentId: string, why: WatchRevocation): void {
+    this.metrics.closedTotal.inc({ reason: REVOCATION_CLOSE_REASON[why] });
+    stream.revoked = why;
+    const last: [string, WatchEvent][] = [];
+    const event = (type: string, data: object) =>
+      watchEvent(`event: ${type}\ndata: ${JSON.stringify(data)}\n\n`, this.tickCount);
+    if (why === 'agent deleted') last.push([agentId, event('deleted', { agent_id: agentId })]);
+    last.push(['', event('revoked', { agent_id: agentId, reason: why })]);
+    this.finish(stream, last);
+  }
+
+  /** Ends a stream after its last events; one that has not taken them within FINISH_GRACE_MS is dropped. */
+  private finish(stream: WatchStream, last: [string, WatchEvent][]): void {
+    for (const id of stream.agents) this.unwatch(stream, id);
+    stream.agents.clear();
+    // Ended already (written at once, or never attached): its place is free now.
+    if (stream.finish(last)) {
       this.remove(stream);
+      return;
     }
+    if (!this.streams.has(stream) || this.finishing.has(stream)) return;
+    this.finishing.set(
+      stream,
+      this.clock.setTimeout(() => {
+        stream.abort();
+        this.remove(stream);
+      }, FINISH_GRACE_MS),
+    );
   }
 
   private unwatch(stream: WatchStream, agentId: string): void {
@@ -395,37 +396,4 @@ export class WatchHub {
       void this.background.run('watch_tick', () => this.tick());
     }, TICK_MS);
   }
-}
-
-/** A row as clients see it, at `now`. */
-export function toView(row: MetadataRow, now: number, options: { includeScript?: boolean } = {}): MetadataView {
-  const collected = row.collected_at.getTime();
-  const age = Math.max(0, Math.floor((now - collected) / 1000));
-  const pending = collected < NEVER_REPORTED_BEFORE;
-  const view: MetadataView = {
-    key: row.key,
-    display_name: row.display_name,
-    display_order: row.display_order,
-    interval: row.interval,
-    timeout: row.timeout,
-    value: row.value,
-    error: row.error,
-    collected_at: row.collected_at.toISOString(),
-    age,
-    stale: !pending && isStale(row.interval, row.timeout, age),
-  };
-  if (pending) view.pending = true;
-  if (options.includeScript) view.script = row.script;
-  return view;
-}
-
-/** Coder's UI rule, in seconds: a value is stale once older than its interval, twice its timeout, and 5 s. */
-export function isStale(interval: number, timeout: number, age: number): boolean {
-  return interval > 0 && age > Math.max(interval + 2 * timeout, 5);
-}
-
-function dataEvent(format: WatchFormat, agentId: string, rows: readonly MetadataRow[], now: number): string {
-  const metadata = rows.map((row) => toView(row, now));
-  const data = format === 'list' ? metadata : { agent_id: agentId, metadata };
-  return `event: data\ndata: ${JSON.stringify(data)}\n\n`;
 }

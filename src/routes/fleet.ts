@@ -26,6 +26,7 @@ import {
 import { serveWatch } from '../sse.js';
 import type { MetadataStore } from '../store.js';
 import { toView, type WatchHub } from '../watch.js';
+import { TOO_MANY_WATCHES, WATCH_BOUNDS_DESCRIPTION } from '../watchLimits.js';
 
 // A bulk read names at most 200 agents: an answer of at most ~2 MB at 10 keys each.
 export const MAX_BULK_AGENTS = 200;
@@ -94,7 +95,7 @@ const WATCH_DESCRIPTION = `Many agents' metadata, live, as Server-Sent Events (\
 
 Every stream of the service shares one LISTEN connection and one read per tick. A slow client holds at
 most the newest event per agent it watches (older ones are dropped and counted). After the service's
-LISTEN connection reconnects, every watched agent is read again and sent.`;
+LISTEN connection reconnects, every watched agent is read again and sent. ${WATCH_BOUNDS_DESCRIPTION}`;
 
 export const fleetRoutes: FastifyPluginAsyncTypebox<{
   store: MetadataStore;
@@ -152,7 +153,8 @@ export const fleetRoutes: FastifyPluginAsyncTypebox<{
   const watchAnswers = {
     200: eventStream(
       'The stream, open until the client leaves or the service stops.',
-      'Server-Sent Events: `event: data` ({"agent_id","metadata"}), `event: deleted` ({"agent_id"}), `: ping` comments.',
+      'Server-Sent Events: `event: data` ({"agent_id","metadata"}), `event: deleted` ({"agent_id"}), ' +
+        '`event: revoked` ({"agent_id","reason"}), `: ping` comments.',
     ),
   };
   const watch = async (request: FastifyRequest, reply: Parameters<typeof serveWatch>[1], target: WatchTarget) => {
@@ -186,6 +188,7 @@ export const fleetRoutes: FastifyPluginAsyncTypebox<{
           ...errors({
             400: `Neither agent_id nor all=true, both, more than ${MAX_WATCH_AGENTS} agents, or an agent_id that is not a UUID.`,
             ...readErrors,
+            429: TOO_MANY_WATCHES,
           }),
         },
       },
@@ -213,6 +216,7 @@ export const fleetRoutes: FastifyPluginAsyncTypebox<{
             ...readErrors,
             413: TOO_LARGE,
             415: NOT_JSON,
+            429: TOO_MANY_WATCHES,
           }),
         },
       },

@@ -10,6 +10,7 @@ import { agentView, CursorError, type AgentStore } from '../agentStore.js';
 import type { AgentAuthenticator } from '../auth.js';
 import { HttpError } from '../errors.js';
 import type { StreamRegistry } from '../streams.js';
+import type { WatchHub } from '../watch.js';
 import {
   AgentIdParams,
   AgentSummary,
@@ -63,8 +64,10 @@ export const lifecycleRoutes: FastifyPluginAsyncTypebox<{
   auth: AgentAuthenticator;
   /** The ingest streams: a deleted agent's or a rotated token's are closed at once (4001). */
   streams: Pick<StreamRegistry, 'revoke'>;
+  /** The watch streams: those of a deleted agent's or a rotated token end at once (`event: revoked`). */
+  watchHub: Pick<WatchHub, 'revoke' | 'onDeleted'>;
   authenticate: Authenticate;
-}> = async (app, { agents, auth, streams, authenticate }) => {
+}> = async (app, { agents, auth, streams, watchHub, authenticate }) => {
   app.get(
     '/v1/agents',
     {
@@ -136,7 +139,8 @@ export const lifecycleRoutes: FastifyPluginAsyncTypebox<{
         summary: 'Delete an agent',
         description:
           'Deletes the agent and its metadata. Its token is refused from now on, on every replica within a ' +
-          'second; watch streams get `event: deleted` for it, and its ingest streams are closed (4001).',
+          'second; watch streams get `event: deleted` for it, those opened with its token then end with ' +
+          '`event: revoked`, and its ingest streams are closed (4001).',
         security: SECURITY.admin,
         params: AgentIdParams,
         response: {
@@ -150,6 +154,7 @@ export const lifecycleRoutes: FastifyPluginAsyncTypebox<{
       if (!(await agents.delete(agentId))) throw new HttpError(404, `agent ${agentId} not found`);
       auth.forgetAgent(agentId);
       streams.revoke(agentId);
+      watchHub.onDeleted(agentId);
       return reply.code(204).send(null);
     },
   );
@@ -163,7 +168,8 @@ export const lifecycleRoutes: FastifyPluginAsyncTypebox<{
         summary: 'Rotate an agent’s token',
         description:
           'Gives the agent a new token, in this answer only. The old one is refused from now on, on every ' +
-          'replica within a second, and the ingest streams opened with it are closed (4001).',
+          'replica within a second; the watch streams opened with it end with `event: revoked`, and the ' +
+          'ingest streams opened with it are closed (4001).',
         security: SECURITY.admin,
         params: AgentIdParams,
         response: {
@@ -178,6 +184,7 @@ export const lifecycleRoutes: FastifyPluginAsyncTypebox<{
       if (token === undefined) throw new HttpError(404, `agent ${agentId} not found`);
       auth.forgetAgent(agentId);
       streams.revoke(agentId);
+      watchHub.revoke(agentId, 'token rotated');
       auth.remember(token, agentId);
       return { id: agentId, token };
     },

@@ -18,6 +18,7 @@ import {
 import type { MetadataStore } from '../store.js';
 import { serveWatch } from '../sse.js';
 import { toView, type WatchHub } from '../watch.js';
+import { TOO_MANY_WATCHES, WATCH_BOUNDS_DESCRIPTION } from '../watchLimits.js';
 
 // The errors of both reads.
 const readErrors = errors({
@@ -40,8 +41,8 @@ const WATCH_DESCRIPTION = `The agent's metadata, live, as Server-Sent Events (\`
 - \`event: deleted\` with \`data: {"agent_id": "<id>"}\` when the agent is deleted; the stream then ends;
 - a \`: ping\` comment every 15 s, on its own schedule, whatever else is sent.
 
-A slow client only ever has the newest list pending: older ones are dropped. Errors are answered as
-JSON, before the stream starts.
+A slow client only ever has the newest list pending: older ones are dropped. ${WATCH_BOUNDS_DESCRIPTION}
+Errors are answered as JSON, before the stream starts.
 
 \`\`\`
 event: data
@@ -100,9 +101,10 @@ export const readRoutes: FastifyPluginAsyncTypebox<{
         response: {
           200: eventStream(
             'The stream, open until the client leaves, the agent is deleted or the service stops.',
-            'Server-Sent Events: `event: data` (the list), `event: deleted`, `: ping` comments.',
+            'Server-Sent Events: `event: data` (the list), `event: deleted`, `event: revoked`, `: ping` comments.',
           ),
           ...readErrors,
+          ...errors({ 429: TOO_MANY_WATCHES }),
         },
       },
     },
