@@ -3,11 +3,12 @@
 // the same statement (control.ts), so every replica hears of it exactly when
 // it commits.
 
-import { randomBytes, randomUUID } from 'node:crypto';
+import { randomUUID } from 'node:crypto';
 import type { Pool } from 'pg';
 import { isUuid } from './agentIdChunks.js';
 import { CONTROL_CHANNEL } from './control.js';
-import { hashToken } from './tokens.js';
+import { parseRfc3339Micros } from './timestamps.js';
+import { hashToken, newAgentToken } from './tokens.js';
 
 const insertAgent = `
 WITH created AS (
@@ -97,16 +98,11 @@ export class CursorError extends Error {
   override name = 'CursorError';
 }
 
-/** A new agent token: 32 random bytes, unguessable, so a fast hash is enough to store it. */
-export function newToken(): string {
-  return `mbt_${randomBytes(32).toString('base64url')}`;
-}
-
 export class AgentStore {
   constructor(private readonly pool: Pool) {}
 
   async create(name: string): Promise<CreatedAgent> {
-    const token = newToken();
+    const token = newAgentToken();
     const { rows } = await this.pool.query<Agent>(insertAgent, [randomUUID(), name, hashToken(token), CONTROL_CHANNEL]);
     const { id, created_at } = rows[0]!;
     return { id, name: rows[0]!.name, created_at, token };
@@ -156,7 +152,7 @@ export class AgentStore {
 
   /** Gives the agent a new token (returned, shown once); the old one stops working. Undefined for an unknown agent. */
   async rotateToken(agentId: string): Promise<string | undefined> {
-    const token = newToken();
+    const token = newAgentToken();
     const { rowCount } = await this.pool.query(rotateToken, [agentId, hashToken(token), CONTROL_CHANNEL]);
     return rowCount === 1 ? token : undefined;
   }
@@ -172,12 +168,21 @@ function encodeCursor(row: { summary: AgentSummary; createdAtText: string }): st
 }
 
 // created_at as Postgres writes a timestamptz: 2026-11-25 00:12:33.123456+00
-const TIMESTAMP = /^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(\.\d{1,6})?[+-]\d\d(:\d\d)?$/;
+const TIMESTAMP = /^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d{1,6})?[+-](\d\d)(:\d\d)?$/;
+// Postgres refuses a zone offset over 15 hours (MAX_TZDISP_HOUR): a 500, were it let through.
+const MAX_OFFSET_HOURS = 15;
+
+/** A timestamp in that form that is a real time (no month 13, February 30 or year 0) Postgres takes. */
+function isCursorTimestamp(text: string): boolean {
+  const match = TIMESTAMP.exec(text);
+  if (match === null || Number(match[1]) > MAX_OFFSET_HOURS) return false;
+  return parseRfc3339Micros(match[2] === undefined ? `${text}:00` : text) !== undefined;
+}
 
 function decodeCursor(cursor: string): { createdAt: string; id: string } {
   try {
     const [createdAt, id] = JSON.parse(Buffer.from(cursor, 'base64url').toString()) as unknown[];
-    if (typeof createdAt === 'string' && typeof id === 'string' && TIMESTAMP.test(createdAt) && isUuid(id)) {
+    if (typeof createdAt === 'string' && typeof id === 'string' && isCursorTimestamp(createdAt) && isUuid(id)) {
       return { createdAt, id };
     }
   } catch {

@@ -231,7 +231,8 @@ export const HEADERS_TOO_LARGE =
 export const SHUTTING_DOWN = 'Shutting down: `shutting down: retry against another replica or later`.';
 export const INTERNAL = 'An unexpected failure: `internal error` (the details are logged).';
 export const BAD_BODY =
-  'Malformed JSON, wrong types, a value out of its limits (the message names it, e.g. ' +
-  '`body/metadata must be array`), or `agentId` not a UUID.';
+  'Malformed JSON, a body that is not valid UTF-8, wrong types, a value out of its limits (the message names ' +
+  'it, e.g. `body/metadata must be array`), a string with a NUL character or a lone surrogate (Postgres text ' +
+  'holds neither: `body/metadata/0/value must not contain NUL characters`), or `agentId` not a UUID.';
 export const TOO_LARGE = 'The body is over 1 MiB (answered from Content-Length before the body is read).';
-export const NOT_JSON = 'The body is not `application/json`.';
+export const NOT_JSON = 'The body is not `application/json`, or its charset is not UTF-8.';

@@ -549,7 +549,7 @@ describe('health and metrics', () => {
       await vi.waitFor(async () => expect(await h.metric('metabatch_database_up')).toBe(0));
       const ready = await h.app.inject({ url: '/readyz' });
       expect(ready.statusCode).toBe(503);
-      expect(ready.json().error).toMatch(/^database unreachable: /);
+      expect(ready.json().error).toBe('database unreachable');
       expect(await h.metric('metabatch_database_up')).toBe(0);
     } finally {
       await restore();

@@ -22,7 +22,8 @@ import {
   TOO_LARGE,
 } from '../schemas.js';
 
-const ReportBody = Type.Object({ metadata: ReportMetadata });
+// A property it does not know is refused, as a stream message's is (and as the admin routes' bodies are).
+const ReportBody = Type.Object({ metadata: ReportMetadata }, { additionalProperties: false });
 
 /** Where reports go: the Batcher; the benchmark's naive mode writes at once instead. */
 export interface MetadataSink {
@@ -75,7 +76,8 @@ export const ingestRoutes: FastifyPluginAsyncTypebox<{
             400:
               BAD_BODY +
               ' Also: keys over their total limit (`metadata keys of N bytes exceeded 6144 bytes`), a bad ' +
-              '`collected_at`, NUL characters. Nothing of the report is applied.',
+              '`collected_at`, an unknown property (`body must NOT have additional properties`). ' +
+              'Nothing of the report is applied.',
             401: 'No agent token, or an unknown one (the admin token is not an agent token).',
             403: 'The token belongs to another agent: `this token belongs to another agent`.',
             413: TOO_LARGE,

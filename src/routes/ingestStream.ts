@@ -19,6 +19,8 @@ import type { StreamMetrics } from '../metrics.js';
 import { normalizeReport, ReportError, type Report } from '../report.js';
 import type { StreamReport } from '../schemas.js';
 import { REVOKED_CLOSE_CODE, REVOKED_CLOSE_REASON, type RevocableStream } from '../streams.js';
+import { hasUnicodeEscape } from '../jsonBody.js';
+import { jsonTextProblem } from '../text.js';
 import type { MetadataSink } from './ingest.js';
 
 /** Unsent answers (the socket's buffered amount) above which the stream stops reading until they drain. */
@@ -180,6 +182,9 @@ export class IngestStream implements RevocableStream {
         return this.refuse(null, (err as Error).message);
       }
       seq = seqOf(message);
+      // The POST body parser's check (ws has already refused invalid UTF-8, with 1007).
+      const textProblem = jsonTextProblem(message, hasUnicodeEscape(data));
+      if (textProblem !== undefined) return this.refuse(seq, textProblem);
       const validate = this.context.validate!;
       if (!validate(message)) return this.refuse(seq, schemaErrors(validate.errors));
       const metadata = (message as StreamReport).metadata;

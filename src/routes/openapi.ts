@@ -15,6 +15,16 @@ import { COMPONENTS, errors, HEADERS_TOO_LARGE, json } from '../schemas.js';
 
 const DOCS_PREFIX = '/docs';
 const DOCUMENT_URL = '/openapi.json';
+// The UI's scripts and styles are its own files (no inline script); it reads
+// this service only ("Try it out" included), and no other site may frame it.
+// Its React components set element styles from script, which style-src allows;
+// the one inline <style> its bundle inserts (@fastify/swagger-ui 6.1.3) is
+// allowed by its hash, which Chromium names in the violation it reports
+// (test/headers.test.ts fails on any violation, so a new bundle's is noticed).
+const SWAGGER_UI_INLINE_STYLE = "'sha256-RL3ie0nH+Lzz2YNqQN83mnU0J1ot4QL7b99vMdIX99w='";
+const DOCS_CONTENT_SECURITY_POLICY =
+  `default-src 'none'; script-src 'self'; style-src 'self' ${SWAGGER_UI_INLINE_STYLE}; img-src 'self' data:; ` +
+  "font-src 'self' data:; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
 
 const { version } = JSON.parse(readFileSync(new URL('../../package.json', import.meta.url), 'utf8')) as {
   version: string;
@@ -90,7 +100,12 @@ export const openapiRoutes: FastifyPluginAsyncTypebox = async (app) => {
     transform: ({ schema, url }) => ({ schema: schema ? documentSchema(schema) : schema, url }),
   });
 
-  await app.register(swaggerUi, { routePrefix: DOCS_PREFIX });
+  await app.register(swaggerUi, {
+    routePrefix: DOCS_PREFIX,
+    staticCSP: DOCS_CONTENT_SECURITY_POLICY,
+    // No badge from validator.swagger.io: the page loads nothing from elsewhere.
+    uiConfig: { validatorUrl: null },
+  });
 
   app.get(
     DOCUMENT_URL,
