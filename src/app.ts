@@ -6,10 +6,15 @@ import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox';
 import Fastify, { LogController, type FastifyBaseLogger, type FastifyError, type FastifyInstance } from 'fastify';
 import type { Registry } from 'prom-client';
 import { adminOnly, adminOrAgent, agentOnly } from './access.js';
+import { isUuid } from './agentIdChunks.js';
 import type { AgentStore } from './agentStore.js';
 import type { AgentAuthenticator } from './auth.js';
+import { AuthFailures, type AuthFailureLimits } from './authFailures.js';
+import { clientErrorHandler } from './clientError.js';
 import { systemClock, type Clock } from './clock.js';
+import { DEFAULTS } from './config.js';
 import { HttpError } from './errors.js';
+import { registerJsonBodyParser } from './jsonBody.js';
 import { BODY_LIMIT_BYTES, DEFAULT_TIMEOUTS } from './limits.js';
 import type { Logger } from './logger.js';
 import { agentRoutes } from './routes/agents.js';
@@ -21,9 +26,11 @@ import { openapiRoutes } from './routes/openapi.js';
 import { readRoutes } from './routes/read.js';
 import { streamRoutes } from './routes/stream.js';
 import { uiRoutes } from './routes/ui.js';
-import { StreamMetrics } from './metrics.js';
+import { AuthMetrics, StreamMetrics } from './metrics.js';
+import { nosniff } from './responseHeaders.js';
 import type { MetadataStore } from './store.js';
 import { StreamRegistry } from './streams.js';
+import { refuseNulInUrl } from './text.js';
 import type { WatchHub } from './watch.js';
 
 export interface AppDependencies {
@@ -42,9 +49,17 @@ export interface AppDependencies {
   timeouts?: Partial<typeof DEFAULT_TIMEOUTS>;
   /** The open ingest streams, which revocation closes (main.ts shares it with the control channel). Default: the app's own. */
   streams?: StreamRegistry;
+  /** The bound on failed authentications per client address. Default: DEFAULTS' (config.ts). */
+  authFailureLimits?: Partial<AuthFailureLimits>;
 }
 
 const SERVED_WHILE_CLOSING = new Set(['/healthz', '/readyz', '/metrics']);
+
+// `format: 'uuid'` means what Postgres's uuid type reads: ajv-formats' own also
+// takes a `urn:uuid:` prefix, which Postgres refuses (a 500). Set once ajv-formats is added.
+const strictUuidFormat = (ajv: { addFormat(name: string, format: (text: string) => boolean): unknown }): void => {
+  ajv.addFormat('uuid', isUuid);
+};
 
 export function buildApp(deps: AppDependencies): FastifyInstance {
   const timeouts = { ...DEFAULT_TIMEOUTS, ...deps.timeouts };
@@ -72,10 +87,15 @@ export function buildApp(deps: AppDependencies): FastifyInstance {
     // Types are checked, not coerced: a number where a string belongs is a 400.
     // A body property a schema does not know is refused, not silently dropped
     // (a misspelt `interval` must not pass for a default); query strings stay open.
-    ajv: { customOptions: { coerceTypes: false, removeAdditional: false } },
+    ajv: { customOptions: { coerceTypes: false, removeAdditional: false }, onCreate: strictUuidFormat },
+    // Fastify's logs a malformed request's raw bytes (its token included) at trace: ours does not.
+    clientErrorHandler: clientErrorHandler(loggerInstance),
   }).withTypeProvider<TypeBoxTypeProvider>();
-  // JSON only: anything else is a 415.
+  // JSON only (anything else is a 415), decoded strictly as UTF-8 (jsonBody.ts).
   app.removeContentTypeParser('text/plain');
+  registerJsonBodyParser(app);
+  app.addHook('onRequest', nosniff);
+  app.addHook('onRequest', refuseNulInUrl);
   app.decorateRequest('caller', undefined);
 
   // Request logs (debug) carry method, route, status and time, never bodies or tokens.
@@ -123,11 +143,20 @@ export function buildApp(deps: AppDependencies): FastifyInstance {
   app.register(openapiRoutes);
   app.register(healthRoutes, { readiness: deps.readiness, registry: deps.registry, shuttingDown: () => closing });
   const clock = deps.clock ?? systemClock;
-  app.register(ingestRoutes, { batcher: deps.batcher, authenticate: agentOnly(deps.auth), clock });
+  const failures = new AuthFailures({
+    ratePerSecond: DEFAULTS.authFailureRate,
+    burst: DEFAULTS.authFailureBurst,
+    maxAddresses: DEFAULTS.authFailureAddresses,
+    ...deps.authFailureLimits,
+    metrics: new AuthMetrics(deps.registry),
+    logger: deps.logger,
+    clock,
+  });
+  app.register(ingestRoutes, { batcher: deps.batcher, authenticate: agentOnly(deps.auth, failures), clock });
   const streams = deps.streams ?? new StreamRegistry();
   app.register(streamRoutes, {
     sink: deps.batcher,
-    authenticate: agentOnly(deps.auth),
+    authenticate: agentOnly(deps.auth, failures),
     clock,
     streams,
     metrics: new StreamMetrics(deps.registry),
@@ -137,15 +166,16 @@ export function buildApp(deps: AppDependencies): FastifyInstance {
     store: deps.store,
     agents: deps.agents,
     auth: deps.auth,
-    authenticate: adminOnly(deps.adminToken),
+    authenticate: adminOnly(deps.adminToken, failures),
   });
   app.register(lifecycleRoutes, {
     agents: deps.agents,
     auth: deps.auth,
     streams,
-    authenticate: adminOnly(deps.adminToken),
+    watchHub: deps.watchHub,
+    authenticate: adminOnly(deps.adminToken, failures),
   });
-  const adminOrAgentToken = adminOrAgent(deps.adminToken, deps.auth);
+  const adminOrAgentToken = adminOrAgent(deps.adminToken, deps.auth, failures);
   app.register(readRoutes, { store: deps.store, watchHub: deps.watchHub, authenticate: adminOrAgentToken, clock });
   app.register(fleetRoutes, {
     store: deps.store,

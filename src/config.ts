@@ -41,6 +41,35 @@ export const DEFAULTS = {
   // Reconnects of a LISTEN connection: the same start, a small cap, since a
   // listener that missed batches is stale until it is back.
   reconnect: { initialMs: 100, maxMs: 5000 },
+  // Failed authentications per client address (authFailures.ts); successes
+  // cost nothing. A fleet behind one NAT address fails only when tokens are
+  // revoked or wrong, and a createReporter stops at its first 401/403, so its
+  // failures come once per agent: a burst of 1,000 lets a thousand agents be
+  // refused at once (a mass rotation or deletion, a fleet pointed at the
+  // wrong service) without throttling their neighbours, and 20 a second
+  // sustained covers a hundred agents restarting every 5 s with a stale
+  // token. A guesser past the burst gets 20 tries a second per address
+  // (before: 1,500 a second, each a query).
+  authFailureRate: 20,
+  authFailureBurst: 1000,
+  // Addresses whose failures are remembered: one is ~200 bytes, so ~10 MB at
+  // most. Beyond it the least recently failing address starts afresh (counted).
+  authFailureAddresses: 50_000,
+  // SSE watch streams one replica holds open, every token together. Each is
+  // a socket: at a file limit of 20,000 descriptors (our CI machines; the
+  // README recommends 65,536, src/connections.ts warns below 16,384) a quarter
+  // of them leaves the rest to ingest connections, WebSocket streams, idle
+  // keep-alives and the pool. A stream's own memory is small (at most one
+  // 64 KiB slice of an event in Node, events shared: watchStream.ts), so
+  // 5,000 cost a few hundred MB at worst.
+  maxWatches: 5000,
+  // Watch streams of the admin token on one replica: one secret, shared by the
+  // live page and every operator's tool, so a leak of streams there (a page
+  // reopening in a loop) takes at most two fifths of MAX_WATCHES and leaves
+  // the rest to agents (each bound by MAX_STREAMS_PER_AGENT in streams.ts).
+  // Twice the 1,000 streams a dashboard fleet was measured with
+  // (test/fleet.test.ts), so that load keeps its headroom.
+  maxWatchesPerAdmin: 2000,
 } as const;
 
 export interface Config {
@@ -64,6 +93,14 @@ export interface Config {
   notifyChannel: string;
   adminToken: string | undefined;
   logLevel: string;
+  /** Failed authentications a client address gets back each second. */
+  authFailureRate: number;
+  /** Failed authentications a client address may have in a row before it gets 429. */
+  authFailureBurst: number;
+  /** SSE watch streams open on this replica at most (429 beyond). */
+  maxWatches: number;
+  /** SSE watch streams of the admin token on this replica at most (429 beyond). */
+  maxWatchesPerAdmin: number;
 }
 
 export class ConfigError extends Error {
@@ -138,5 +175,9 @@ export function loadConfig(env: Env = process.env): Config {
     notifyChannel,
     adminToken,
     logLevel,
+    authFailureRate: fraction(env, 'AUTH_FAILURE_RATE', DEFAULTS.authFailureRate, 0.01, 1_000_000),
+    authFailureBurst: integer(env, 'AUTH_FAILURE_BURST', DEFAULTS.authFailureBurst, 1, 10_000_000),
+    maxWatches: integer(env, 'MAX_WATCHES', DEFAULTS.maxWatches, 1, 1_000_000),
+    maxWatchesPerAdmin: integer(env, 'MAX_WATCHES_PER_ADMIN', DEFAULTS.maxWatchesPerAdmin, 1, 1_000_000),
   };
 }

@@ -12,11 +12,12 @@ import { BackgroundProcesses } from './background.js';
 import { Batcher } from './batcher.js';
 import { decodeAgentIdChunk } from './agentIdChunks.js';
 import { DeclaredKeys } from './declaredKeys.js';
+import { limitConnections, openFileLimit } from './connections.js';
 import { AgentStore } from './agentStore.js';
 import { applyControlPayload, CONTROL_CHANNEL } from './control.js';
 import type { Clock } from './clock.js';
 import type { Config } from './config.js';
-import { createPool, migrate, openDatabase } from './database.js';
+import { createPool, migrate, openDatabase, warnIfSuperuser } from './database.js';
 import { DatabaseHealth } from './health.js';
 import { listen } from './listener.js';
 import type { DEFAULT_TIMEOUTS } from './limits.js';
@@ -71,6 +72,7 @@ export async function startService(config: Config, log: Logger, options: Service
     const pool = createPool(database.url, log, { registry, background, asyncCommit: true, max: config.poolSize });
     opened.push(() => pool.end());
     await background.run('migrate', () => migrate(pool, log));
+    await warnIfSuperuser(pool, log);
     // The store NOTIFYs in the flush's own statement: one round trip per batch.
     const store = new MetadataStore(pool, { notifyChannel: config.notifyChannel });
 
@@ -123,6 +125,7 @@ export async function startService(config: Config, log: Logger, options: Service
       metrics: watchMetrics,
       logger: log.child({ component: 'watch' }),
       background,
+      limits: { maxWatches: config.maxWatches, maxWatchesPerAdmin: config.maxWatchesPerAdmin },
       ...(clock ? { clock } : {}),
     });
     opened.push(() => watchHub.close());
@@ -174,10 +177,18 @@ export async function startService(config: Config, log: Logger, options: Service
       watchHub,
       streams,
       adminToken: config.adminToken,
+      authFailureLimits: { ratePerSecond: config.authFailureRate, burst: config.authFailureBurst },
       ...(options.timeouts ? { timeouts: options.timeouts } : {}),
       ...(clock ? { clock } : {}),
     });
     opened.push(() => app.close());
+    limitConnections(app.server, {
+      fileLimit: openFileLimit(),
+      poolSize: config.poolSize,
+      registry,
+      log,
+      ...(clock ? { clock } : {}),
+    });
     const address = await app.listen({ host: config.host, port: config.port });
     log.info(
       { address, embedded: database.embedded, channel: config.notifyChannel },

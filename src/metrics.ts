@@ -196,6 +196,10 @@ export class WatchMetrics {
   readonly eventsDroppedTotal: Counter;
   readonly refetchErrorsTotal: Counter;
   readonly controlMessagesTotal: Counter<'type'>;
+  /** Watch opens refused with 429, by the bound hit (src/watchLimits.ts). */
+  readonly refusedTotal: Counter<'bound'>;
+  /** Watch streams the service ended, by why (src/watchLimits.ts). */
+  readonly closedTotal: Counter<'reason'>;
   private source: { streams(): number; agents(): number } | undefined;
 
   constructor(registry: Registry) {
@@ -243,6 +247,22 @@ export class WatchMetrics {
     this.eventsDroppedTotal = new Counter({
       name: 'metabatch_watch_events_dropped_total',
       help: 'Watch events replaced by a newer one before a slow client could take them.',
+      registers,
+    });
+    this.refusedTotal = new Counter({
+      name: 'metabatch_watch_refused_total',
+      help:
+        'Watch streams refused with 429, by the bound hit: agent (streams of one agent token), admin ' +
+        '(streams of the admin token), replica (streams of this replica).',
+      labelNames: ['bound'],
+      registers,
+    });
+    this.closedTotal = new Counter({
+      name: 'metabatch_watch_closed_total',
+      help:
+        'Watch streams the service ended, by reason: slow (over 1 MiB behind when a newer event came), ' +
+        'token_rotated and agent_deleted (opened with a token revoked since).',
+      labelNames: ['reason'],
       registers,
     });
     this.refetchErrorsTotal = new Counter({
@@ -356,6 +376,62 @@ export class StreamMetrics {
 
   /** Lets the gauge read the open streams at scrape time. */
   bind(source: { connections(): number }): void {
+    this.source = source;
+  }
+}
+
+/** What a refused credential was (authFailures.ts): a label of `metabatch_auth_failures_total`. */
+export const AUTH_FAILURE_KINDS = [
+  'missing',
+  'malformed',
+  'unknown_agent_token',
+  'wrong_agent',
+  'bad_admin_token',
+] as const;
+export type AuthFailureKind = (typeof AUTH_FAILURE_KINDS)[number];
+
+/** Refused credentials, and the per-address bound on them (authFailures.ts). */
+export class AuthMetrics {
+  readonly failuresTotal: Counter<'kind'>;
+  readonly throttledTotal: Counter;
+  readonly addressesEvictedTotal: Counter;
+  private source: { addresses(): number } | undefined;
+
+  constructor(registry: Registry) {
+    const registers = [registry];
+    const sourceOf = () => this.source;
+    this.failuresTotal = new Counter({
+      name: 'metabatch_auth_failures_total',
+      help:
+        'Requests refused for their credentials, by kind: missing, malformed (no version issued that shape: ' +
+        'refused without a query), unknown_agent_token, wrong_agent (another agent’s token), bad_admin_token.',
+      labelNames: ['kind'],
+      registers,
+    });
+    for (const kind of AUTH_FAILURE_KINDS) this.failuresTotal.inc({ kind }, 0);
+    this.throttledTotal = new Counter({
+      name: 'metabatch_auth_throttled_total',
+      help: 'Requests answered 429 before any token check: their address had used up its failed authentications.',
+      registers,
+    });
+    new Gauge({
+      name: 'metabatch_auth_failure_addresses',
+      help: 'Client addresses whose failed authentications are remembered (bounded; see README, Guessing tokens).',
+      registers,
+      collect() {
+        const source = sourceOf();
+        if (source) this.set(source.addresses());
+      },
+    });
+    this.addressesEvictedTotal = new Counter({
+      name: 'metabatch_auth_failure_addresses_evicted_total',
+      help: 'Addresses forgotten to make room for others (their failures start afresh): many addresses failing at once.',
+      registers,
+    });
+  }
+
+  /** Lets the gauge read the remembered addresses at scrape time. */
+  bind(source: { addresses(): number }): void {
     this.source = source;
   }
 }

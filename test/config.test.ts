@@ -19,6 +19,10 @@ describe('configuration', () => {
       notifyChannel: 'workspace_agent_metadata_batch',
       adminToken: undefined,
       logLevel: 'info',
+      maxWatches: 5000,
+      maxWatchesPerAdmin: 2000,
+      authFailureRate: 20,
+      authFailureBurst: 1000,
     });
   });
 

@@ -57,7 +57,7 @@ describe('the held budget during an outage', () => {
     } finally {
       await restore();
     }
-    await h.service.batcher.retryNow();
+    h.service.batcher.retryNow();
     await h.advance(0);
     expect(h.service.batcher.flushesFailing).toBe(false);
     expect(await h.stored(web.id)).toMatchObject({ cpu: { value: '3' }, mem: { value: '3G' } });
@@ -85,7 +85,7 @@ describe('the held budget during an outage', () => {
     } finally {
       await restore();
     }
-    await h.service.batcher.retryNow();
+    h.service.batcher.retryNow();
     await h.advance(0);
     // Once flushes succeed again its report is taken.
     expect((await h.post(unread.id, unread.token, report({ cpu: '3' }))).statusCode).toBe(202);

@@ -116,6 +116,12 @@ describe('database outages', () => {
       await vi.waitFor(() => expect(acceptedDuringOutage).toBeGreaterThan(50), { timeout: 20_000 });
       const during = await (await fetch(`${s.base}/metrics`)).text();
       expect(during).toMatch(/^metabatch_database_up 0$/m);
+      // The outage lasts until a retry has failed too (a loaded machine can take 50 reports before the second try).
+      const flushErrors = async () =>
+        Number(
+          /^metabatch_metadata_flush_errors_total (\d+)$/m.exec(await (await fetch(`${s.base}/metrics`)).text())?.[1],
+        );
+      await vi.waitFor(async () => expect(await flushErrors()).toBeGreaterThanOrEqual(2), { timeout: 10_000 });
 
       await s.db.start();
       outage = false;
