@@ -316,6 +316,8 @@ export class StreamMetrics {
   paused = 0;
   private readonly rejectedTotal: Counter<'reason'>;
   private readonly closedTotal: Counter<'code'>;
+  /** Upgrades answered 429: the agent holds MAX_STREAMS_PER_AGENT streams on this replica already. */
+  readonly upgradesRefusedTotal: Counter;
   private source: { connections(): number } | undefined;
 
   constructor(registry: Registry) {
@@ -335,6 +337,11 @@ export class StreamMetrics {
       help: 'Reports received on WebSocket ingest streams and handed to the batcher (each answered with its counts).',
       registers,
       collect: catchUp(() => this.reports),
+    });
+    this.upgradesRefusedTotal = new Counter({
+      name: 'metabatch_stream_upgrades_refused_total',
+      help: 'WebSocket ingest upgrades answered 429: the agent holds its most streams on this replica already.',
+      registers,
     });
     new Counter({
       name: 'metabatch_stream_paused_total',

@@ -29,6 +29,7 @@ interface ComposeService {
   healthcheck?: { test?: string | string[] };
   depends_on?: string[] | Record<string, { condition?: string }>;
   stop_grace_period?: string;
+  ulimits?: { nofile?: number | { soft: number; hard: number } };
 }
 
 interface ComposeFile {
@@ -297,6 +298,15 @@ describe('deployment files', () => {
     serviceOfImage('prom/prometheus');
     serviceOfImage('grafana/grafana');
     expect(Object.keys(services)).toHaveLength(6);
+  });
+
+  it('gives each replica the file limit the README recommends, above the one it warns below', () => {
+    for (const [name, service] of replicas) {
+      const nofile = service.ulimits?.nofile;
+      const soft = typeof nofile === 'number' ? nofile : nofile?.soft;
+      expect(soft, name).toBe(65_536);
+    }
+    expect(section(read('README.md'), 'Limits and security')).toContain('65536');
   });
 
   it('mounts and builds only from files and directories that are in the repository', () => {

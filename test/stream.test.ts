@@ -223,6 +223,7 @@ describe('the upgrade', () => {
       status: 429,
       body: { error: 'too many streams for this agent (at most 4)' },
     });
+    expect(await h.metric('metabatch_stream_upgrades_refused_total')).toBe(1);
     // Another agent is not affected.
     await open(h.base, b.id, b.token);
     expect(await h.metric('metabatch_stream_connections')).toBe(MAX_STREAMS_PER_AGENT + 1);

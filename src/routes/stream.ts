@@ -230,7 +230,10 @@ export const streamRoutes: FastifyPluginAsyncTypebox<StreamRoutesOptions> = asyn
     preHandler: (request, _reply, done) => {
       const caller = request.caller;
       if (caller?.kind !== 'agent') return done(new HttpError(401, 'invalid agent token'));
-      if (request.ws && !streams.hasRoom(caller.agentId)) return done(new HttpError(429, TOO_MANY_STREAMS));
+      if (request.ws && !streams.hasRoom(caller.agentId)) {
+        metrics.upgradesRefusedTotal.inc();
+        return done(new HttpError(429, TOO_MANY_STREAMS));
+      }
       done();
     },
     schema: {
