@@ -2,8 +2,11 @@
 // `request.caller`, by the admin token or an agent's token. Refused requests
 // fail with an HttpError (401, 403; 503 when a token cannot be checked). Each
 // refusal for the credentials is recorded (authFailures.ts): counted by kind,
-// logged, and charged to the client's address, which past its bound gets 429
-// before any token is looked up.
+// logged, and charged to the client's address. Past its bound an address is
+// throttled: credentials that can be checked without the database (the admin
+// token, an agent token this replica has cached) still pass, so that a
+// guesser behind the same NAT or proxy cannot lock the fleet out; anything
+// else gets 429 before any token is looked up.
 
 import type { FastifyReply, FastifyRequest, HookHandlerDoneFunction } from 'fastify';
 import { isUuid } from './agentIdChunks.js';
@@ -25,26 +28,33 @@ declare module 'fastify' {
 /** An onRequest hook that sets `request.caller`, or fails with an HttpError. */
 export type Authenticate = (request: FastifyRequest, reply: FastifyReply, done: HookHandlerDoneFunction) => void;
 
+/** Set while the address has no failure left: the refusal to give where a token would need the database. */
+type Throttle = (() => HttpError) | undefined;
+
 /**
  * A callback-style hook around a check that is synchronous when the token is
  * cached (the common case: no promise, no extra tick), and a promise when it
  * must ask the database. First of all, an address that used up its failures
  * is refused.
  */
-function hook(failures: AuthFailures, check: (request: FastifyRequest) => void | Promise<void>): Authenticate {
+function hook(
+  failures: AuthFailures,
+  check: (request: FastifyRequest, throttle: Throttle) => void | Promise<void>,
+): Authenticate {
   return (request, reply, done) => {
     const retryAfter = failures.retryAfter(request.ip);
-    if (retryAfter !== undefined) {
-      // As JSON, not by the route's 429 schema: the POST's own 429 is `{accepted, dropped}`.
-      void reply.header('retry-after', String(retryAfter)).serializer(JSON.stringify);
-      done(
-        new HttpError(
-          429,
-          `too many failed authentications from this address: retry in ${retryAfter} s with a valid token`,
-        ),
-      );
-      return;
-    }
+    const throttle: Throttle =
+      retryAfter === undefined
+        ? undefined
+        : () => {
+            failures.throttled(request.ip);
+            // As JSON, not by the route's 429 schema: the POST's own 429 is `{accepted, dropped}`.
+            void reply.header('retry-after', String(retryAfter)).serializer(JSON.stringify);
+            return new HttpError(
+              429,
+              `too many failed authentications from this address: retry in ${retryAfter} s with a valid token`,
+            );
+          };
     const refused = (err: unknown): void => {
       if (err instanceof AuthError) failures.record(request.ip, err.kind, request.routeOptions.url);
       done(err as Error);
@@ -52,7 +62,7 @@ function hook(failures: AuthFailures, check: (request: FastifyRequest) => void |
     let pending: void | Promise<void>;
     try {
       refuseOversizeBody(request);
-      pending = check(request);
+      pending = check(request, throttle);
     } catch (err) {
       refused(err);
       return;
@@ -109,6 +119,7 @@ function asTokenAgent(
   token: string,
   agentId: string | undefined,
   unknown: string,
+  throttle: Throttle,
   malformedKind: 'malformed' | 'bad_admin_token' = 'malformed',
 ): void | Promise<void> {
   const accept = (owner: string | undefined): void => {
@@ -120,6 +131,12 @@ function asTokenAgent(
       throw new AuthError(403, 'this token belongs to another agent', 'wrong_agent');
     request.caller = { kind: 'agent', agentId: owner };
   };
+  if (throttle) {
+    // Only what needs no query: a token cached as valid passes, any other is refused unlooked.
+    const cached = auth.cachedAgentForToken(token);
+    if (cached === undefined) throw throttle();
+    return accept(cached);
+  }
   const owner = auth.agentForToken(token);
   if (!(owner instanceof Promise)) return accept(owner);
   return owner.then(accept, () => {
@@ -129,24 +146,27 @@ function asTokenAgent(
 
 /** The route's agent, by its own token: 401 without a valid token, 403 with another agent's. */
 export function agentOnly(auth: AgentAuthenticator, failures: AuthFailures): Authenticate {
-  return hook(failures, (request) => {
+  return hook(failures, (request, throttle) => {
     const agentId = requireAgentIdParam(request);
     const token = bearerToken(request.headers.authorization);
     if (token === undefined)
       throw new AuthError(401, 'missing agent token: send Authorization: Bearer <token>', 'missing');
-    return asTokenAgent(request, auth, token, agentId, 'invalid agent token');
+    return asTokenAgent(request, auth, token, agentId, 'invalid agent token', throttle);
   });
 }
 
 export function adminOnly(adminToken: string | undefined, failures: AuthFailures): Authenticate {
-  return hook(failures, (request) => {
+  return hook(failures, (request, throttle) => {
     // A setting of the service, not a credential refused: not counted.
     if (adminToken === undefined) throw new HttpError(403, 'admin API disabled: set ADMIN_TOKEN');
     requireAgentIdParam(request);
     const token = bearerToken(request.headers.authorization);
     if (token === undefined)
       throw new AuthError(401, 'missing admin token: send Authorization: Bearer <ADMIN_TOKEN>', 'missing');
-    if (!adminMatches(adminToken, token)) throw new AuthError(401, 'invalid admin token', 'bad_admin_token');
+    if (!adminMatches(adminToken, token)) {
+      if (throttle) throw throttle();
+      throw new AuthError(401, 'invalid admin token', 'bad_admin_token');
+    }
     request.caller = { kind: 'admin' };
   });
 }
@@ -156,7 +176,7 @@ export function adminOrAgent(
   auth: AgentAuthenticator,
   failures: AuthFailures,
 ): Authenticate {
-  return hook(failures, (request) => {
+  return hook(failures, (request, throttle) => {
     const agentId = requireAgentIdParam(request);
     const token = bearerToken(request.headers.authorization);
     if (token === undefined)
@@ -167,6 +187,6 @@ export function adminOrAgent(
     }
     // Without the agent tokens' prefix it was meant as the admin token (a typo at the live page's sign-in).
     const malformedKind = token.startsWith(TOKEN_PREFIX) ? 'malformed' : 'bad_admin_token';
-    return asTokenAgent(request, auth, token, agentId, 'invalid token', malformedKind);
+    return asTokenAgent(request, auth, token, agentId, 'invalid token', throttle, malformedKind);
   });
 }

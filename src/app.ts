@@ -51,6 +51,12 @@ export interface AppDependencies {
   streams?: StreamRegistry;
   /** The bound on failed authentications per client address. Default: DEFAULTS' (config.ts). */
   authFailureLimits?: Partial<AuthFailureLimits>;
+  /**
+   * The proxies whose X-Forwarded-For names the client (Fastify's
+   * `trustProxy`: addresses, CIDRs, or loopback, linklocal, uniquelocal).
+   * Default: none, the client is the socket's peer.
+   */
+  trustProxy?: string;
 }
 
 const SERVED_WHILE_CLOSING = new Set(['/healthz', '/readyz', '/metrics']);
@@ -67,6 +73,9 @@ export function buildApp(deps: AppDependencies): FastifyInstance {
   const loggerInstance: FastifyBaseLogger = deps.logger;
   const app = Fastify({
     loggerInstance,
+    // Behind a load balancer the client's address (the failed-authentication
+    // bucket's key) comes from X-Forwarded-For, from trusted proxies only.
+    trustProxy: deps.trustProxy ?? false,
     bodyLimit: BODY_LIMIT_BYTES,
     requestTimeout: timeouts.requestMs,
     connectionTimeout: timeouts.idleMs,

@@ -74,6 +74,11 @@ export class AgentAuthenticator {
     return lookup;
   }
 
+  /** The agent of a token this replica has cached as valid, without ever asking the database. */
+  cachedAgentForToken(token: string): string | undefined {
+    return this.known.get(hashTokenBase64(token));
+  }
+
   /** Remembers a token just created or rotated here, and forgets that it was unknown. */
   remember(token: string, agentId: string): void {
     const key = hashTokenBase64(token);

@@ -86,7 +86,8 @@ export class AuthFailures {
 
   /**
    * Whole seconds (at least 1) until the address may fail again, when it has
-   * no failure left: the request is then refused. Undefined: go on.
+   * no failure left: the address is then throttled (src/access.ts: only
+   * credentials checked without a query pass). Undefined: go on.
    */
   retryAfter(ip: string): number | undefined {
     const state = this.addresses.peek(clientKey(ip));
@@ -94,9 +95,14 @@ export class AuthFailures {
     this.refill(state);
     const left = state.tokens - state.inFlight;
     if (left >= 1) return undefined;
-    state.throttled++;
-    this.metrics.throttledTotal.inc();
     return Math.max(1, Math.ceil((1 - left) / this.ratePerMs / 1000));
+  }
+
+  /** A request of a throttled address was refused with 429 (its credentials needed the database, or were wrong). */
+  throttled(ip: string): void {
+    const state = this.addresses.peek(clientKey(ip));
+    if (state) state.throttled++;
+    this.metrics.throttledTotal.inc();
   }
 
   /**
@@ -123,7 +129,8 @@ export class AuthFailures {
       this.addresses.set(key, state);
     }
     this.refill(state);
-    state.tokens = Math.max(0, state.tokens - 1);
+    // A request without credentials guesses nothing: counted and logged, not charged.
+    if (kind !== 'missing') state.tokens = Math.max(0, state.tokens - 1);
     if (now - state.loggedAt < AUTH_FAILURE_LOG_INTERVAL_MS) {
       state.suppressed++;
       return;

@@ -3,6 +3,8 @@
 // the variable and what is allowed; the library's constructors take their
 // defaults from `DEFAULTS`, so a default is written once.
 
+import { isIP } from 'node:net';
+
 /** The NOTIFY channel of the original (coder's `workspace_agent_metadata_batch`). */
 export const DEFAULT_NOTIFY_CHANNEL = 'workspace_agent_metadata_batch';
 
@@ -97,6 +99,8 @@ export interface Config {
   authFailureRate: number;
   /** Failed authentications a client address may have in a row before it gets 429. */
   authFailureBurst: number;
+  /** Proxies whose X-Forwarded-For names the client (comma-separated addresses, CIDRs, or loopback, linklocal, uniquelocal). */
+  trustProxy: string | undefined;
   /** SSE watch streams open on this replica at most (429 beyond). */
   maxWatches: number;
   /** SSE watch streams of the admin token on this replica at most (429 beyond). */
@@ -134,6 +138,27 @@ function fraction(env: Env, name: string, fallback: number, min: number, max: nu
 function text(env: Env, name: string): string | undefined {
   const raw = env[name];
   return raw === undefined || raw === '' ? undefined : raw;
+}
+
+// What proxy-addr (Fastify's trustProxy) names besides addresses and CIDRs.
+const PROXY_NAMES = new Set(['loopback', 'linklocal', 'uniquelocal']);
+
+function proxies(env: Env): string | undefined {
+  const raw = text(env, 'TRUST_PROXY');
+  if (raw === undefined) return undefined;
+  const parts = raw.split(',').map((part) => part.trim());
+  for (const part of parts) {
+    const [address = '', bits, ...rest] = part.split('/');
+    const ok =
+      PROXY_NAMES.has(part) ||
+      (isIP(address) !== 0 && rest.length === 0 && (bits === undefined || /^\d{1,3}$/.test(bits)));
+    if (!ok) {
+      throw new ConfigError(
+        `TRUST_PROXY must be a comma-separated list of addresses, CIDRs, loopback, linklocal or uniquelocal (got ${JSON.stringify(raw)})`,
+      );
+    }
+  }
+  return parts.join(',');
 }
 
 /** Reads and validates the whole configuration; throws ConfigError on the first bad value. */
@@ -177,6 +202,7 @@ export function loadConfig(env: Env = process.env): Config {
     logLevel,
     authFailureRate: fraction(env, 'AUTH_FAILURE_RATE', DEFAULTS.authFailureRate, 0.01, 1_000_000),
     authFailureBurst: integer(env, 'AUTH_FAILURE_BURST', DEFAULTS.authFailureBurst, 1, 10_000_000),
+    trustProxy: proxies(env),
     maxWatches: integer(env, 'MAX_WATCHES', DEFAULTS.maxWatches, 1, 1_000_000),
     maxWatchesPerAdmin: integer(env, 'MAX_WATCHES_PER_ADMIN', DEFAULTS.maxWatchesPerAdmin, 1, 1_000_000),
   };

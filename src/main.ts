@@ -178,6 +178,7 @@ export async function startService(config: Config, log: Logger, options: Service
       streams,
       adminToken: config.adminToken,
       authFailureLimits: { ratePerSecond: config.authFailureRate, burst: config.authFailureBurst },
+      ...(config.trustProxy ? { trustProxy: config.trustProxy } : {}),
       ...(options.timeouts ? { timeouts: options.timeouts } : {}),
       ...(clock ? { clock } : {}),
     });

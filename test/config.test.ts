@@ -23,7 +23,16 @@ describe('configuration', () => {
       maxWatchesPerAdmin: 2000,
       authFailureRate: 20,
       authFailureBurst: 1000,
+      trustProxy: undefined,
     });
+  });
+
+  it('takes TRUST_PROXY as addresses, CIDRs and proxy-addr names, and refuses anything else', () => {
+    expect(loadConfig({ TRUST_PROXY: '10.0.0.1, 172.16.0.0/12,uniquelocal,::1' }).trustProxy).toBe(
+      '10.0.0.1,172.16.0.0/12,uniquelocal,::1',
+    );
+    expect(() => loadConfig({ TRUST_PROXY: 'true' })).toThrow(/^TRUST_PROXY must be a comma-separated list/);
+    expect(() => loadConfig({ TRUST_PROXY: '10.0.0.0/8/1' })).toThrow(/^TRUST_PROXY/);
   });
 
   it.each([

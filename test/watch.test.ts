@@ -164,7 +164,10 @@ describe('GET /v1/agents/{id}/metadata/watch', () => {
   });
 
   it('serves 200 watchers with one LISTEN connection, and the 199 after the first with no query of their own', async () => {
+    const batches = await h.metric('metabatch_listener_batches_total');
     const { id, token } = await h.agent(['cpu']);
+    // The service has heard the batch that declaring the keys announced: it cannot mark the agent for a re-read later.
+    await vi.waitFor(async () => expect(await h.metric('metabatch_listener_batches_total')).toBe(batches + 1));
     const first = await watch(id, token);
     await first.next();
     const statements = await h.metric('metabatch_database_statements_total');
