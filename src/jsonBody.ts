@@ -15,11 +15,16 @@ import { jsonTextProblem } from './text.js';
 const utf8 = new TextDecoder('utf-8', { fatal: true });
 const BACKSLASH_U = Buffer.from('\\u');
 
-/** `application/json; charset=…`: the charset, lower-cased and unquoted, or undefined when there is none. */
+/**
+ * `application/json; charset=…`: the charset, lower-cased and unquoted, or
+ * undefined when there is none. Several are given back joined by commas
+ * (`utf-8,latin1`), which no check takes for UTF-8: which one a parser
+ * believes is its own choice.
+ */
 export function charsetOf(contentType: string | undefined): string | undefined {
   if (contentType === undefined) return undefined;
-  const match = /;\s*charset\s*=\s*("?)([^";\s]*)\1/i.exec(contentType);
-  return match === null ? undefined : match[2]!.toLowerCase();
+  const charsets = [...contentType.matchAll(/;\s*charset\s*=\s*("?)([^";\s]*)\1/gi)].map((m) => m[2]!.toLowerCase());
+  return charsets.length === 0 ? undefined : charsets.join(',');
 }
 
 /** Decodes a body or a stream message as strict UTF-8; a HttpError 400 when it is not UTF-8. */

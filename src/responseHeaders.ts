@@ -6,7 +6,9 @@
 // per answer from an onRequest hook, most of them for HTML pages that this
 // API has two of, and that already set what they need. Set on the raw
 // response, so that the answers that bypass Fastify's reply (the watch
-// streams after hijack, the WebSocket refusals) carry it too.
+// streams after hijack, our WebSocket refusals) carry it too. A handshake
+// that ws itself refuses (a bad Sec-WebSocket-Version: a 400 written raw to
+// the socket, with no body to sniff) does not.
 
 import type { FastifyReply, FastifyRequest, HookHandlerDoneFunction } from 'fastify';
 

@@ -38,25 +38,30 @@ export const Counts = Type.Object(
 /**
  * The keys of one report, as agents send them: the `metadata` of a POST body
  * and of a stream message (docs/original.md, "The input rules"; the finer
- * checks are normalizeReport's). Unknown properties of an item are ignored.
+ * checks are normalizeReport's). A property of an item it does not know is
+ * refused, as elsewhere: a misspelt `vlaue` must not store "".
  */
 export const ReportMetadata = Type.Array(
-  Type.Object({
-    key: Type.String({ minLength: 1, maxLength: MAX_KEY_CHARS, description: 'A declared key.' }),
-    value: Type.Optional(
-      Type.String({
-        description: `Default "". Trimmed; over ${MAX_VALUE_BYTES} bytes it is cut and \`error\` says so.`,
-      }),
-    ),
-    error: Type.Optional(
-      Type.String({ description: `Default "". Trimmed; over ${MAX_ERROR_BYTES} bytes it is replaced.` }),
-    ),
-    collected_at: Type.Optional(
-      Type.String({
-        description: 'RFC 3339 (2026-11-23T00:00:00Z). Default: server time; a time in the future becomes server time.',
-      }),
-    ),
-  }),
+  Type.Object(
+    {
+      key: Type.String({ minLength: 1, maxLength: MAX_KEY_CHARS, description: 'A declared key.' }),
+      value: Type.Optional(
+        Type.String({
+          description: `Default "". Trimmed; over ${MAX_VALUE_BYTES} bytes it is cut and \`error\` says so.`,
+        }),
+      ),
+      error: Type.Optional(
+        Type.String({ description: `Default "". Trimmed; over ${MAX_ERROR_BYTES} bytes it is replaced.` }),
+      ),
+      collected_at: Type.Optional(
+        Type.String({
+          description:
+            'RFC 3339 (2026-11-23T00:00:00Z). Default: server time; a time in the future becomes server time.',
+        }),
+      ),
+    },
+    { additionalProperties: false },
+  ),
   {
     // Each key is at least one byte, so more items than this always exceed the key limit.
     maxItems: MAX_ALL_KEYS_BYTES,

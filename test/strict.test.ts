@@ -108,6 +108,11 @@ describe('POST /v1/agents/{id}/metadata takes strict JSON only', () => {
       Buffer.from('{"metadata":[],"extra":1}'),
       /^body must NOT have additional properties$/,
     ],
+    [
+      'an unknown property of an item (a misspelt value)',
+      Buffer.from('{"metadata":[{"key":"cpu","vlaue":"12%"}]}'),
+      /^body\/metadata\/0 must NOT have additional properties$/,
+    ],
     ['Latin-1 bytes', body(Buffer.from([0xff, 0xfe, 0xe9])), /not valid UTF-8/],
     ['a truncated UTF-8 character', body(Buffer.from([0xc3])), /not valid UTF-8/],
     ['an overlong NUL', body(Buffer.from([0xc0, 0x80])), /not valid UTF-8/],
@@ -130,18 +135,21 @@ describe('POST /v1/agents/{id}/metadata takes strict JSON only', () => {
     expect(await h.metric('metabatch_metadata_flushed_total')).toBe(0);
   });
 
-  it.each(['utf-16', 'iso-8859-1', '"latin1"', 'UTF-16LE'])('answers 415 to charset=%s', async (charset) => {
-    const h = await appHarness();
-    const { id, token } = await h.agent(['cpu']);
-    const res = await h.app.inject({
-      method: 'POST',
-      url: `/v1/agents/${id}/metadata`,
-      headers: { authorization: `Bearer ${token}`, 'content-type': `application/json; charset=${charset}` },
-      payload: '{"metadata":[{"key":"cpu","value":"x"}]}',
-    });
-    expect(res.statusCode).toBe(415);
-    expect(res.json().error).toMatch(/charset/);
-  });
+  it.each(['utf-16', 'iso-8859-1', '"latin1"', 'UTF-16LE', 'utf-8; charset=latin1'])(
+    'answers 415 to charset=%s',
+    async (charset) => {
+      const h = await appHarness();
+      const { id, token } = await h.agent(['cpu']);
+      const res = await h.app.inject({
+        method: 'POST',
+        url: `/v1/agents/${id}/metadata`,
+        headers: { authorization: `Bearer ${token}`, 'content-type': `application/json; charset=${charset}` },
+        payload: '{"metadata":[{"key":"cpu","value":"x"}]}',
+      });
+      expect(res.statusCode).toBe(415);
+      expect(res.json().error).toMatch(/charset/);
+    },
+  );
 
   it('takes UTF-8 as it is, named or not, escaped surrogate pairs included', async () => {
     const h = await appHarness();
