@@ -77,10 +77,15 @@ export interface BatcherOptions {
   maxHeldKeys?: number;
   /**
    * Each agent's declared keys (src/declaredKeys.ts): while flushes fail, a
-   * key not among them is refused rather than held, so no agent holds more
-   * than its share. Default: none, every key may be held.
+   * key not among them is refused rather than held (an agent whose keys are
+   * not known holds a small share), so no agent holds more than its share.
+   * Default: none, every key may be held.
    */
-  declaredKeys?: { keysOf(agentId: string): ReadonlySet<string> | undefined };
+  declaredKeys?: {
+    keysOf(agentId: string): ReadonlySet<string> | undefined;
+    /** For an agent whose keys are not known: whether it may hold this key (its share). */
+    admitUnread(agentId: string, key: string): boolean;
+  };
   backoff?: BackoffOptions;
 }
 
@@ -255,7 +260,7 @@ export class Batcher {
     for (let i = 0; i < keys.length; i++) {
       const key = keys[i]!;
       if (bounded && !this.batch.has(agentId, key)) {
-        if (this.declaredKeys && !declared?.has(key)) {
+        if (this.declaredKeys && !(declared ? declared.has(key) : this.declaredKeys.admitUnread(agentId, key))) {
           undeclared++;
           continue;
         }

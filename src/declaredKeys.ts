@@ -6,6 +6,9 @@
 // go out as one query. A set that is stale only costs retries, never a value:
 // a key declared since is refused (429) during an outage, not dropped after a
 // 202; a key removed since is held and then ignored by the flush, as today.
+// An agent whose keys this replica never read (its first report here comes
+// during the outage) may hold a share of UNREAD_AGENT_SHARE keys: the first
+// it reports, whatever they are.
 
 import type pg from 'pg';
 import { LRUCache } from 'lru-cache';
@@ -22,6 +25,11 @@ const REFRESH_MS = 60_000;
 const MAX_AGENTS = 100_000;
 // Agents read in one query at most (a 1,000-uuid array is ~37 KB).
 const READ_CHUNK = 1000;
+// The keys an agent whose definitions were never read here may hold while
+// flushes fail: Coder's templates declare a handful of keys, and 64 at the
+// 2,048-byte limits are ~270 KB, so the agents new to a replica during an
+// outage keep reporting while none of them can hold much.
+export const UNREAD_AGENT_SHARE = 64;
 // After a failed read (the database is down), the next waits this long:
 // reports keep coming during an outage, and each must not try to connect.
 const RETRY_MS = 5000;
@@ -40,6 +48,8 @@ export interface DeclaredKeysOptions {
 export class DeclaredKeys {
   private readonly known = new LRUCache<string, Entry>({ max: MAX_AGENTS });
   private readonly queued = new Set<string>();
+  /** The keys admitted for agents never read here, each at most UNREAD_AGENT_SHARE. */
+  private readonly unread = new LRUCache<string, Set<string>>({ max: MAX_AGENTS });
   private readonly clock: Clock;
   private readonly onError: (err: Error) => void;
   private reading: Promise<void> | undefined;
@@ -61,6 +71,19 @@ export class DeclaredKeys {
     const entry = this.known.get(agentId);
     if (entry === undefined || this.clock.Date.now() - entry.readAt >= REFRESH_MS) this.queue(agentId);
     return entry?.keys;
+  }
+
+  /**
+   * For an agent whose keys were never read here: whether it may hold this
+   * key, the first UNREAD_AGENT_SHARE distinct keys it reports being admitted.
+   */
+  admitUnread(agentId: string, key: string): boolean {
+    let keys = this.unread.get(agentId);
+    if (keys === undefined) this.unread.set(agentId, (keys = new Set()));
+    if (keys.has(key)) return true;
+    if (keys.size >= UNREAD_AGENT_SHARE) return false;
+    keys.add(key);
+    return true;
   }
 
   /** Resolves once the reads queued so far are done (or failed). */
@@ -86,7 +109,10 @@ export class DeclaredKeys {
           const { rows } = await this.pool.query<{ agent_id: string; keys: string[] }>(declaredKeysOf, [ids]);
           const found = new Map(rows.map((row) => [row.agent_id, row.keys]));
           // An agent with no rows declares nothing (or does not exist): an empty set.
-          for (const id of ids) this.known.set(id, { keys: new Set(found.get(id)), readAt });
+          for (const id of ids) {
+            this.known.set(id, { keys: new Set(found.get(id)), readAt });
+            this.unread.delete(id);
+          }
         } catch (err) {
           // Read again at the agents' next reports, once RETRY_MS have passed.
           for (const id of ids) this.queued.add(id);

@@ -3,6 +3,7 @@
 // cannot take the budget of the others.
 
 import { describe, expect, it } from 'vitest';
+import { UNREAD_AGENT_SHARE } from '../src/declaredKeys.js';
 import { closedAfterEach, testDatabase } from './support/db.js';
 import { outage } from './support/faults.js';
 import { startTestService } from './support/service.js';
@@ -65,10 +66,11 @@ describe('the held budget during an outage', () => {
     expect(await h.stored(hostile.id)).toMatchObject({ cpu: { value: '5' } });
   });
 
-  it('refuses (never drops after a 202) the keys of an agent whose definitions this replica never read', async () => {
-    const h = await serviceHarness({ env: { BATCH_SIZE: '10', MAX_HELD_KEYS: '20' } });
+  it('gives an agent whose definitions this replica never read a share of UNREAD_AGENT_SHARE keys', async () => {
+    const h = await serviceHarness({ env: { BATCH_SIZE: '100', MAX_HELD_KEYS: '1000' } });
     const known = await h.agent(['cpu']);
-    const unread = await h.agent(['cpu']);
+    // Declared, never reported before the outage: this replica never read its keys.
+    const unread = await h.agent(['cpu', 'mem']);
     expect((await h.post(known.id, known.token, report({ cpu: '1' }))).statusCode).toBe(202);
     await h.service.declaredKeys.idle();
     await h.advance(5000);
@@ -78,18 +80,23 @@ describe('the held budget during an outage', () => {
       expect((await h.post(known.id, known.token, report({ cpu: '2' }))).statusCode).toBe(202);
       await h.advance(5000);
       expect(h.service.batcher.flushesFailing).toBe(true);
-      // Its token is cached (created here), its definitions were never read: refused, to be sent again.
-      const res = await h.post(unread.id, unread.token, report({ cpu: '1' }));
+      // Its declared keys are held...
+      expect((await h.post(unread.id, unread.token, report({ cpu: '3', mem: '3G' }))).statusCode).toBe(202);
+      // ...and so are other keys up to its share, but no more (the flush will ignore those as undeclared).
+      const junk = Object.fromEntries(Array.from({ length: UNREAD_AGENT_SHARE }, (_, k) => [`junk-${k}`, 'x']));
+      const res = await h.post(unread.id, unread.token, report(junk));
       expect(res.statusCode).toBe(429);
+      expect(res.json()).toEqual({ accepted: UNREAD_AGENT_SHARE - 2, dropped: 2 });
       expect(Number(res.headers['retry-after'])).toBeGreaterThanOrEqual(1);
+      // Keys it holds still merge.
+      expect((await h.post(unread.id, unread.token, report({ cpu: '4' }))).statusCode).toBe(202);
     } finally {
       await restore();
     }
     h.service.batcher.retryNow();
     await h.advance(0);
-    // Once flushes succeed again its report is taken.
-    expect((await h.post(unread.id, unread.token, report({ cpu: '3' }))).statusCode).toBe(202);
-    await h.advance(5000);
-    expect(await h.stored(unread.id)).toMatchObject({ cpu: { value: '3' } });
+    expect(h.service.batcher.flushesFailing).toBe(false);
+    expect(await h.stored(unread.id)).toMatchObject({ cpu: { value: '4' }, mem: { value: '3G' } });
+    expect(await h.metric('metabatch_metadata_undeclared_keys_total')).toBe(UNREAD_AGENT_SHARE - 2);
   });
 });
