@@ -17,6 +17,7 @@ import { provisionAgents } from '../src/provision.js';
 import { hashToken } from '../src/tokens.js';
 import { closedAfterEach, testDatabase } from './support/db.js';
 import { ADMIN_TOKEN, startTestService, type ServiceHarness } from './support/service.js';
+import { refusedUpgrade } from './support/upgrade.js';
 
 const db = testDatabase();
 const appHarness = closedAfterEach((options: Parameters<typeof startTestService>[1] = {}) =>
@@ -296,19 +297,8 @@ describe('the bound on failures per address', () => {
     const ws = new WebSocket(`${h.base.replace('http', 'ws')}/v1/agents/${fresh!.id}/metadata/stream`, {
       headers: { authorization: `Bearer ${fresh!.token}` },
     });
-    const answer = await new Promise<{ status: number; retryAfter: unknown; body: string }>((resolve, reject) => {
-      ws.once('open', () => reject(new Error('the upgrade was accepted')));
-      ws.once('error', reject);
-      ws.once('unexpected-response', (request, response) => {
-        let body = '';
-        response.on('data', (chunk: Buffer) => (body += chunk.toString()));
-        response.on('end', () => {
-          request.destroy();
-          resolve({ status: response.statusCode!, retryAfter: response.headers['retry-after'], body });
-        });
-      });
-    });
-    expect(answer).toMatchObject({ status: 429, retryAfter: '10' });
+    const answer = await refusedUpgrade(ws);
+    expect(answer).toMatchObject({ status: 429, headers: { 'retry-after': '10' } });
     expect(JSON.parse(answer.body).error).toMatch(/^too many failed authentications/);
   });
 });

@@ -13,22 +13,10 @@ import { chromium } from 'playwright-core';
 import { describe, expect, it } from 'vitest';
 import { closedAfterEach, testDatabase } from './support/db.js';
 import { ADMIN_TOKEN, startTestService } from './support/service.js';
+import { CHROMIUM, CHROMIUM_ARGS, HAVE_CHROMIUM } from './support/chromium.js';
 
 const db = testDatabase();
 const appHarness = closedAfterEach(() => startTestService(db));
-
-const CHROMIUM = '/usr/bin/chromium';
-const HAVE_CHROMIUM = fs.existsSync(CHROMIUM);
-const CHROMIUM_ARGS = [
-  '--headless',
-  '--no-sandbox',
-  '--disable-gpu',
-  '--disable-quic',
-  '--no-first-run',
-  '--disable-background-networking',
-  '--disable-component-update',
-  '--disable-sync',
-];
 
 // The browser globals that functions run in the page use (this project's types are Node's, not the DOM's).
 declare const document: {

@@ -19,6 +19,7 @@ import { closedAfterEach, testDatabase } from './support/db.js';
 import { lockRows, outage, waitForBlockedUpdate } from './support/faults.js';
 import { call, replicasOf } from './support/replicas.js';
 import { ADMIN_TOKEN, startTestService, type ServiceHarness } from './support/service.js';
+import { refusedUpgrade } from './support/upgrade.js';
 
 const db = testDatabase();
 const appHarness = closedAfterEach((options: Parameters<typeof startTestService>[1] = {}) =>
@@ -119,26 +120,16 @@ function open(
   });
 }
 
-/** The HTTP answer to an upgrade that is refused. */
-function refused(
+/** The HTTP answer to an upgrade that is refused, its body parsed. */
+async function refused(
   base: string,
   agentId: string,
   headers: Record<string, string>,
 ): Promise<{ status: number; body: unknown; headers: Record<string, unknown> }> {
   const ws = new WebSocket(streamUrl(base, agentId), { headers });
   clients.push(ws);
-  return new Promise((resolve, reject) => {
-    ws.once('open', () => reject(new Error('the upgrade was accepted')));
-    ws.once('error', reject);
-    ws.once('unexpected-response', (request, response) => {
-      let body = '';
-      response.on('data', (chunk: Buffer) => (body += chunk.toString()));
-      response.on('end', () => {
-        request.destroy();
-        resolve({ status: response.statusCode!, body: JSON.parse(body), headers: response.headers });
-      });
-    });
-  });
+  const answer = await refusedUpgrade(ws);
+  return { ...answer, body: JSON.parse(answer.body) };
 }
 
 const bearer = (token: string) => ({ authorization: `Bearer ${token}` });

@@ -13,6 +13,7 @@ import { chromium, type BrowserContext, type Page } from 'playwright-core';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { testDatabase } from './support/db.js';
 import { CLI, ROOT, freePort, run, type Spawned } from './support/process.js';
+import { CHROMIUM, CHROMIUM_ARGS, HAVE_CHROMIUM, INSTALL_CHROMIUM } from './support/chromium.js';
 
 // The browser globals that functions run in the page use (this project's types are Node's, not the DOM's).
 interface PageElement {
@@ -24,23 +25,10 @@ declare const sessionStorage: { length: number };
 declare const localStorage: { length: number };
 declare const window: unknown;
 
-const CHROMIUM = '/usr/bin/chromium';
-const HAVE_CHROMIUM = fs.existsSync(CHROMIUM);
-const INSTALL = `no ${CHROMIUM}: install Chromium with \`apt-get install -y chromium\` to run the browser test`;
-if (!HAVE_CHROMIUM) console.warn(`test/ui.test.ts skipped: ${INSTALL}`);
+if (!HAVE_CHROMIUM) console.warn(`test/ui.test.ts skipped: ${INSTALL_CHROMIUM}`);
 
 const ADMIN = 'ui-test-admin-token-0123456789';
 const SCREENSHOT = path.join(ROOT, 'test-results', 'ui.png');
-const CHROMIUM_ARGS = [
-  '--headless',
-  '--no-sandbox',
-  '--disable-gpu',
-  '--disable-quic',
-  '--no-first-run',
-  '--disable-background-networking',
-  '--disable-component-update',
-  '--disable-sync',
-];
 
 interface Service {
   base: string;
@@ -72,7 +60,7 @@ async function stopService(service: Service | undefined): Promise<void> {
 }
 
 describe.skipIf(!HAVE_CHROMIUM)(
-  HAVE_CHROMIUM ? 'the live page at /' : `the live page at / (skipped: ${INSTALL})`,
+  HAVE_CHROMIUM ? 'the live page at /' : `the live page at / (skipped: ${INSTALL_CHROMIUM})`,
   () => {
     const db = testDatabase();
     let service: Service | undefined;
