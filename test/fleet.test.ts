@@ -101,13 +101,13 @@ describe('GET /v1/agents/metadata (bulk read)', () => {
     );
     await report(a.id, a.token, { cpu: '1%', mem: '2G' });
     await h.advance(200);
-    const statements = await h.metric('metabatch_database_statements_total');
+    const statements = await h.statements();
     const res = await h.app.inject({
       url: `/v1/agents/metadata?agent_id=${b.id}&agent_id=${missingId}&agent_id=${a.id.toUpperCase()}`,
       headers: admin,
     });
     expect(res.statusCode).toBe(200);
-    expect(await h.metric('metabatch_database_statements_total')).toBe(statements + 1);
+    expect(await h.statements()).toBe(statements + 1);
     const body = res.json<{ agents: AgentEvent[]; missing: string[] }>();
     expect(body.missing).toEqual([missingId]);
     expect(body.agents.map((agent) => agent.agent_id)).toEqual([b.id, a.id]);
@@ -131,14 +131,14 @@ describe('GET /v1/agents/metadata (bulk read)', () => {
 
   it('costs one query for 200 agents too, and refuses 201', async () => {
     const ids = (await provisionAgents(db.pool, 200, ['cpu'], 'bulk')).map((agent) => agent.id);
-    const statements = await h.metric('metabatch_database_statements_total');
+    const statements = await h.statements();
     const res = await h.app.inject({
       url: `/v1/agents/metadata?${ids.map((id) => `agent_id=${id}`).join('&')}`,
       headers: admin,
     });
     expect(res.statusCode).toBe(200);
     expect(res.json<{ agents: unknown[] }>().agents).toHaveLength(200);
-    expect(await h.metric('metabatch_database_statements_total')).toBe(statements + 1);
+    expect(await h.statements()).toBe(statements + 1);
     const over = await h.app.inject({
       url: `/v1/agents/metadata?${[...ids, missingId].map((id) => `agent_id=${id}`).join('&')}`,
       headers: admin,

@@ -31,6 +31,11 @@ export interface ServiceHarness {
   /** Advances the fake clock and waits until the batcher is idle. */
   advance(ms: number): Promise<void>;
   metric(name: string, labels?: Record<string, string>): Promise<number>;
+  /**
+   * Statements the service's pool has sent, once its background reads (the
+   * declared keys a report queued) are done: a count a test can compare.
+   */
+  statements(): Promise<number>;
   waitForPayloads(count: number): Promise<void>;
   /** Creates an agent through the API with these keys declared (which announces it on the batch channel). */
   agent(keys?: string[]): Promise<{ id: string; token: string }>;
@@ -101,6 +106,10 @@ export async function startTestService(db: TestDatabase, options: ServiceHarness
       await batcher.idle();
     },
     metric: (name, labels) => metricValue(service.registry, name, labels),
+    async statements() {
+      await service.declaredKeys.idle();
+      return metricValue(service.registry, 'metabatch_database_statements_total');
+    },
     async waitForPayloads(count) {
       await vi.waitFor(() => {
         if (payloads.length < count) throw new Error(`${payloads.length} of ${count} payloads so far`);
