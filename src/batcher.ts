@@ -10,11 +10,13 @@
 // most one flush in flight: a flush is in flight from its UPDATE until its
 // announcement is done, and nothing merges into the batch meanwhile.
 //
-// Longer than our other files on purpose: every mode, every transition and
-// what each means live here together, so that the loop can be checked in one
-// read. The batch itself is in batch.ts, the retry schedule in backoff.ts.
+// Every mode, every transition and what each means live here together, so
+// that the loop can be checked in one read. The batch itself is in batch.ts,
+// the retry schedule in backoff.ts, the sinks after the store's NOTIFY and
+// their retries in announcers.ts.
 
 import type { Logger } from 'pino';
+import { Announcers, NOTIFY_SINK, type Announcer } from './announcers.js';
 import { Backoff, type BackoffOptions } from './backoff.js';
 import { uncounted, type BackgroundRunner } from './background.js';
 import { emptyBatch, PendingBatch, type MetadataBatch, type Update } from './batch.js';
@@ -26,9 +28,14 @@ import { dateToMicros } from './timestamps.js';
 import type { BatcherMetrics, FlushReason } from './metrics.js';
 
 export type { MetadataBatch } from './batch.js';
+export type { Announcer } from './announcers.js';
 
 export interface UpdateResult {
-  /** Distinct agents with at least one row written; empty when `announced` is set (announcing them is done). */
+  /**
+   * Distinct agents with at least one row written, also when `announced` is
+   * set: the sinks after the NOTIFY get them. A store may work them out when
+   * first read.
+   */
   changedAgentIds: string[];
   /** Entries of the batch with no row to write (the agent never declared the key). */
   undeclared: number;
@@ -43,15 +50,15 @@ export interface MetadataWriter {
   updateMetadata(batch: MetadataBatch): Promise<UpdateResult>;
 }
 
-/** What announces changed agents; `Publisher` for library use. Resolves to the number of payloads sent. */
-export interface Announcer {
-  publish(agentIds: readonly string[]): Promise<number>;
-}
-
 export interface BatcherOptions {
   store: MetadataWriter;
-  /** Announces changed agents when the store does not do it in its own statement. */
-  publisher?: Announcer;
+  /**
+   * Sinks that announce the changed agents after the store's statement (and
+   * its NOTIFY, when the store sends one), each with its own retry and its
+   * own error count (announcers.ts): a `Publisher` when the store does not
+   * NOTIFY, Redis or a webhook beside it. Default none: the store's NOTIFY.
+   */
+  announcers?: readonly Announcer[];
   metrics: BatcherMetrics;
   logger: Logger;
   clock?: Clock;
@@ -112,8 +119,9 @@ export class BatcherClosedError extends Error {
  * The loop's modes, changed only by `to()`.
  * - `idle`: merging reports into the batch; the flush timer is armed.
  * - `flushing`: the UPDATE is in flight; reports wait in the channel.
- * - `announcing`: the UPDATE committed and the batch is gone; a Publisher's
- *   NOTIFY is in flight; reports still wait in the channel.
+ * - `announcing`: the UPDATE committed (with the store's NOTIFY, if it sends
+ *   one) and the batch is gone; the announcers (a Publisher's NOTIFY, other
+ *   sinks) are in flight; reports still wait in the channel.
  * - `backoff`: the last UPDATE failed; the batch is kept and merged into; the
  *   retry timer is armed.
  * - `closed`: stopped; nothing more is written.
@@ -138,10 +146,6 @@ interface Closing {
 // Drops are logged at warn at most once per 10 s, as the original does: under
 // overload every request drops and the log would drown.
 const DROP_WARN_INTERVAL_MS = 10_000;
-// Agents whose NOTIFY failed (Publisher path) wait to be announced again.
-// Past this many (2.2 MB of ids) the oldest are given up and counted;
-// listeners resync on reconnect anyway.
-const MAX_PENDING_ANNOUNCE = 100_000;
 // SQLSTATE of "too many notifications in the NOTIFY queue".
 const NOTIFY_QUEUE_FULL = '54000';
 
@@ -154,15 +158,13 @@ export class Batcher {
 
   private readonly store: MetadataWriter;
   private readonly declaredKeys: BatcherOptions['declaredKeys'];
-  private readonly publisher: Announcer | undefined;
+  private readonly announcers: Announcers;
   private readonly metrics: BatcherMetrics;
   private readonly log: Logger;
   private readonly clock: Clock;
   private readonly channel: BoundedChannel<Update>;
   private readonly batch = new PendingBatch();
   private readonly flushBackoff: Backoff;
-  private readonly publishBackoff: Backoff;
-  private readonly pendingAnnounce = new Set<string>();
   private readonly random: () => number;
   private readonly background: BackgroundRunner;
   /** No flush period has been armed yet: the first starts at a random point (with jitter). */
@@ -182,9 +184,13 @@ export class Batcher {
   constructor(options: BatcherOptions) {
     this.store = options.store;
     this.declaredKeys = options.declaredKeys;
-    this.publisher = options.publisher;
     this.metrics = options.metrics;
     this.log = options.logger;
+    this.announcers = new Announcers(options.announcers ?? [], {
+      metrics: this.metrics,
+      logger: this.log,
+      ...(options.backoff ? { backoff: options.backoff } : {}),
+    });
     this.clock = options.clock ?? systemClock;
     this.batchSize = options.batchSize ?? DEFAULTS.batchSize;
     this.flushIntervalMs = options.flushIntervalMs ?? DEFAULTS.flushIntervalMs;
@@ -195,7 +201,6 @@ export class Batcher {
     this.channel = new BoundedChannel(this.batchSize * (options.channelMultiplier ?? DEFAULTS.channelMultiplier));
     this.maxHeldKeys = options.maxHeldKeys ?? this.batchSize * DEFAULTS.heldKeysPerBatch;
     this.flushBackoff = new Backoff(options.backoff);
-    this.publishBackoff = new Backoff(options.backoff);
     this.metrics.bind({
       channelDepth: () => this.channel.length,
       channelCapacity: () => this.channel.capacity,
@@ -400,12 +405,12 @@ export class Batcher {
     }
   }
 
-  /** Entering idle while closing: flush what is left, or wait to retry a NOTIFY, or close. */
+  /** Entering idle while closing: flush what is left, or wait to retry an announcement, or close. */
   private closeOrFlush(): undefined {
     this.drainAll();
     if (this.batch.size > 0) {
       this.to(Mode.flushing, 'shutdown');
-    } else if (this.pendingAnnounce.size > 0) {
+    } else if (this.announcers.waiting > 0) {
       this.timer = this.clock.setTimeout(() => this.onTimer(), this.timerDelay(Number.POSITIVE_INFINITY));
     } else {
       this.to(Mode.closed);
@@ -426,9 +431,9 @@ export class Batcher {
           'final flush did not reach the database before FINAL_FLUSH_TIMEOUT_MS',
         );
       }
-      if (this.pendingAnnounce.size > 0) {
+      if (this.announcers.waiting > 0) {
         this.log.warn(
-          { agents: this.pendingAnnounce.size },
+          { agents: this.announcers.waiting },
           'stopped with NOTIFYs not sent; listeners resync on reconnect',
         );
       }
@@ -437,10 +442,10 @@ export class Batcher {
     return held;
   }
 
-  /** The flush timer (idle) fired: flush what is held, retry NOTIFYs, or just re-arm. */
+  /** The flush timer (idle) fired: flush what is held, retry announcements, or just re-arm. */
   private onTimer(): void {
     if (this.mode !== Mode.idle) return;
-    if (this.batch.size === 0 && this.pendingAnnounce.size === 0) {
+    if (this.batch.size === 0 && this.announcers.waiting === 0) {
       this.to(Mode.idle); // an empty tick does nothing but re-arm, as in the original
       return;
     }
@@ -464,9 +469,10 @@ export class Batcher {
     return Math.max(1, Math.round(first ? period * this.random() : period));
   }
 
-  /** The timer of idle: the flush interval, or sooner when a failed NOTIFY awaits its retry. */
+  /** The timer of idle: the flush interval, or sooner when a failed announcement awaits its retry. */
   private timerDelay(interval: number): number {
-    return this.pendingAnnounce.size > 0 ? Math.min(interval, this.publishBackoff.next()) : interval;
+    const retry = this.announcers.retryDelay();
+    return retry === undefined ? interval : Math.min(interval, retry);
   }
 
   private scheduleDrain(): void {
@@ -525,7 +531,7 @@ export class Batcher {
     this.to(written ? Mode.idle : Mode.backoff, reason);
   }
 
-  /** The UPDATE, then (Publisher path) the NOTIFY. Resolves false when the UPDATE failed: the batch is kept. */
+  /** The UPDATE (with the store's NOTIFY), then the announcers. Resolves false when the UPDATE failed: the batch is kept. */
   private async flush(reason: FlushReason): Promise<boolean> {
     const count = this.batch.size;
     const start = this.clock.Date.now();
@@ -554,12 +560,13 @@ export class Batcher {
       this.batch.clear();
       if (result.undeclared > 0) this.metrics.undeclaredKeysTotal.inc(result.undeclared);
       if (result.stale > 0) this.metrics.staleKeysTotal.inc(result.stale);
-      if (result.announced === undefined) changed = result.changedAgentIds;
-      else this.metrics.notifyPayloadsTotal.inc(result.announced);
+      if (result.announced !== undefined) this.metrics.notifyPayloadsTotal.inc(result.announced);
+      // Read only for sinks: a store that NOTIFYed decodes them on demand (store.ts).
+      if (this.announcers.size > 0) changed = result.changedAgentIds;
     }
-    if (this.publisher && (changed.length > 0 || this.pendingAnnounce.size > 0)) {
+    if (this.announcers.hasWork(changed)) {
       this.to(Mode.announcing);
-      await this.announce(this.publisher, changed, count);
+      await this.announcers.announce(changed, count);
     }
     if (count > 0) {
       this.metrics.batchSize.observe(count);
@@ -585,40 +592,12 @@ export class Batcher {
   private countFlushFailure(err: unknown, reason: FlushReason, count: number): void {
     this.metrics.flushErrorsTotal.inc();
     // The NOTIFY queue is full: a publish failure too (the statement rolled back and is retried).
-    if ((err as { code?: string }).code === NOTIFY_QUEUE_FULL) this.metrics.publishErrorsTotal.inc();
+    if ((err as { code?: string }).code === NOTIFY_QUEUE_FULL)
+      this.metrics.publishErrorsTotal.inc({ sink: NOTIFY_SINK });
     if (!this.flushesFailing) {
       this.log.error({ err, reason, count }, 'metadata UPDATE failed; keeping the batch and retrying with backoff');
     } else {
       this.log.debug({ err, reason, count, attempt: this.flushBackoff.attempts }, 'metadata UPDATE retry failed');
-    }
-  }
-
-  /** NOTIFY the changed agents plus any whose earlier NOTIFY failed. A failure is counted and retried later. */
-  private async announce(publisher: Announcer, changed: readonly string[], count: number): Promise<void> {
-    for (const id of changed) this.pendingAnnounce.add(id);
-    const ids = [...this.pendingAnnounce];
-    this.pendingAnnounce.clear();
-    try {
-      const payloads = await publisher.publish(ids);
-      this.metrics.notifyPayloadsTotal.inc(payloads);
-      this.publishBackoff.reset();
-    } catch (err) {
-      this.metrics.publishErrorsTotal.inc();
-      this.log.error(
-        { err, agents: ids.length, count },
-        'failed to publish workspace agent metadata batch; will retry',
-      );
-      // The newest stay: an agent given up was announced longest ago.
-      const kept = ids.slice(-MAX_PENDING_ANNOUNCE);
-      for (const id of kept) this.pendingAnnounce.add(id);
-      const given = ids.length - kept.length;
-      if (given > 0) {
-        this.metrics.announceDroppedAgentsTotal.inc(given);
-        this.log.warn(
-          { given, limit: MAX_PENDING_ANNOUNCE },
-          'too many agents waiting for a NOTIFY retry; gave up the oldest',
-        );
-      }
     }
   }
 

@@ -1,21 +1,15 @@
 // The library: everything the service is made of, usable in-process.
 
 export { Batcher, BatcherClosedError } from './batcher.js';
-export type {
-  AddResult,
-  Announcer,
-  BatcherOptions,
-  CloseResult,
-  MetadataBatch,
-  MetadataWriter,
-  UpdateResult,
-} from './batcher.js';
+export type { AddResult, BatcherOptions, CloseResult, MetadataBatch, MetadataWriter, UpdateResult } from './batcher.js';
 export { MetadataStore } from './store.js';
 export type { MetadataDefinition, MetadataRow, MetadataOfAgents, MetadataReadOptions } from './store.js';
 export { AgentStore } from './agentStore.js';
 export type { Agent, AgentPage, AgentSummary, CreatedAgent } from './agentStore.js';
 export { hashToken } from './tokens.js';
 export { Publisher } from './publisher.js';
+export { NOTIFY_SINK } from './announcers.js';
+export type { Announcer } from './announcers.js';
 export {
   decodeAgentIdChunk,
   encodeAgentId,

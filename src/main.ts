@@ -9,7 +9,7 @@ import { collectDefaultMetrics, Registry } from 'prom-client';
 import { buildApp } from './app.js';
 import { AgentAuthenticator } from './auth.js';
 import { BackgroundProcesses } from './background.js';
-import { Batcher } from './batcher.js';
+import { Batcher, type Announcer } from './batcher.js';
 import { decodeAgentIdChunk } from './agentIdChunks.js';
 import { DeclaredKeys } from './declaredKeys.js';
 import { limitConnections, openFileLimit } from './connections.js';
@@ -34,6 +34,8 @@ export interface ServiceOptions {
   clock?: Clock;
   /** Overrides of the HTTP timeouts. */
   timeouts?: Partial<typeof DEFAULT_TIMEOUTS>;
+  /** Sinks that announce changed agents after the flush statement's NOTIFY (Redis, a webhook: announcers.ts). Default none. */
+  announcers?: readonly Announcer[];
 }
 
 export interface StopResult {
@@ -102,6 +104,8 @@ export async function startService(config: Config, log: Logger, options: Service
       finalFlushTimeoutMs: config.finalFlushTimeoutMs,
       maxHeldKeys: config.maxHeldKeys,
       background,
+      // The store's NOTIFY stays first, in the flush statement; these run after it.
+      announcers: options.announcers ?? [],
       ...(clock ? { clock } : {}),
     });
     opened.push(() => void batcher.abandon());

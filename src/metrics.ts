@@ -10,6 +10,7 @@
 // to agree with.
 
 import { Counter, Gauge, Histogram, type LabelValues, type Registry } from 'prom-client';
+import { NOTIFY_SINK } from './announcers.js';
 
 export const FLUSH_REASONS = ['capacity', 'scheduled', 'shutdown'] as const;
 export type FlushReason = (typeof FLUSH_REASONS)[number];
@@ -30,14 +31,14 @@ export class BatcherMetrics {
   readonly batchesTotal: Counter<'reason'>;
   readonly droppedKeysTotal: Counter;
   readonly flushedTotal: Counter;
-  readonly publishErrorsTotal: Counter;
+  readonly publishErrorsTotal: Counter<'sink'>;
   readonly flushErrorsTotal: Counter;
   readonly heldLimitRefusedKeysTotal: Counter;
   readonly undeclaredRefusedKeysTotal: Counter;
   readonly undeclaredKeysTotal: Counter;
   readonly staleKeysTotal: Counter;
   readonly notifyPayloadsTotal: Counter;
-  readonly announceDroppedAgentsTotal: Counter;
+  readonly announceDroppedAgentsTotal: Counter<'sink'>;
   private source: BatcherGaugeSource | undefined;
 
   constructor(registry: Registry) {
@@ -80,8 +81,12 @@ export class BatcherMetrics {
     this.publishErrorsTotal = new Counter({
       name: 'metabatch_metadata_publish_errors_total',
       help: 'Total number of metadata batch pubsub publish calls that have resulted in an error.',
+      // By sink (announcers.ts): `notify` is the NOTIFY (the flush statement's or a Publisher's), as
+      // the original counts; a sink added after it (Redis, a webhook) counts under its own name.
+      labelNames: ['sink'],
       registers,
     });
+    this.publishErrorsTotal.inc({ sink: NOTIFY_SINK }, 0);
     this.flushErrorsTotal = new Counter({
       name: 'metabatch_metadata_flush_errors_total',
       help: 'Total number of batch UPDATEs that failed; the batch is kept and retried.',
@@ -116,9 +121,11 @@ export class BatcherMetrics {
     });
     this.announceDroppedAgentsTotal = new Counter({
       name: 'metabatch_metadata_notify_given_up_agents_total',
-      help: 'Agents whose failed NOTIFY was given up because too many awaited a retry (Publisher path); listeners resync on reconnect.',
+      help: 'Agents whose failed announcement was given up because too many awaited a retry (Publisher path, or a sink after the NOTIFY), by sink; listeners resync on reconnect.',
+      labelNames: ['sink'],
       registers,
     });
+    this.announceDroppedAgentsTotal.inc({ sink: NOTIFY_SINK }, 0);
     const read = (pick: (source: BatcherGaugeSource) => number) =>
       function (this: Gauge) {
         // `this` is the gauge itself, as prom-client calls collect.

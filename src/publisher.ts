@@ -1,14 +1,19 @@
 // Announces changed agents on the NOTIFY channel after their UPDATE has
-// committed. All payloads of a flush go in one statement: one round trip, and
-// Postgres delivers them together when it commits.
+// committed, for a store that does not NOTIFY in its own statement (library
+// use; an announcer of announcers.ts, sink `notify`). All payloads of a flush
+// go in one statement: one round trip, and Postgres delivers them together
+// when it commits.
 
 import type { Pool } from 'pg';
 import { encodeAgentIdChunks } from './agentIdChunks.js';
-import type { Announcer } from './batcher.js';
+import { NOTIFY_SINK, type Announcer } from './announcers.js';
 
 const notifyPayloads = `SELECT pg_notify($1, payload) FROM unnest($2::text[]) AS payload`;
 
 export class Publisher implements Announcer {
+  /** Its payloads count as NOTIFY payloads; the store must then not NOTIFY too (no `notifyChannel`). */
+  readonly sink = NOTIFY_SINK;
+
   constructor(
     private readonly pool: Pool,
     readonly channel: string,

@@ -4,7 +4,7 @@
 // (Agents themselves are in agentStore.ts.)
 
 import type { Pool, PoolClient } from 'pg';
-import { encodeAgentId, MAX_AGENT_IDS_PER_CHUNK } from './agentIdChunks.js';
+import { decodeAgentIdChunk, encodeAgentId, MAX_AGENT_IDS_PER_CHUNK } from './agentIdChunks.js';
 import { flushParameters } from './arrayLiterals.js';
 import type { MetadataBatch, MetadataWriter, UpdateResult } from './batcher.js';
 
@@ -53,8 +53,10 @@ SELECT workspace_agent_id::text AS agent_id, count(*)::int AS written FROM updat
 // The same flush that also announces the changed agents, in the original's
 // payload format (22-character unpadded base64 per id, at most 363 per
 // payload), built in SQL: one statement, one round trip per flush, and the
-// NOTIFYs are delivered exactly when the UPDATE commits. It answers one row,
-// the rows written and the payloads sent: nothing per agent to receive.
+// NOTIFYs are delivered exactly when the UPDATE commits. It answers one row:
+// the rows written, the payloads sent, and the payloads' agent ids in one
+// string (22 bytes an agent rather than a row per agent), which name the
+// changed agents for the sinks after the NOTIFY (announcers.ts).
 const updateMetadataAndNotify = `
 WITH ${flushedBatch}, changed AS (
   SELECT workspace_agent_id AS id, count(*)::int AS written FROM updated GROUP BY 1
@@ -63,8 +65,9 @@ WITH ${flushedBatch}, changed AS (
   FROM (SELECT id, (row_number() OVER () - 1) / ${MAX_AGENT_IDS_PER_CHUNK} AS chunk FROM changed) AS numbered
   GROUP BY chunk
 )
-SELECT (SELECT coalesce(sum(written), 0)::int FROM changed) AS written,
-       (SELECT count(pg_notify($7, payload))::int FROM payloads) AS payloads`;
+SELECT (SELECT coalesce(sum(written), 0)::int FROM changed) AS written, sent.payloads, sent.agents
+FROM (SELECT count(pg_notify($7, payload))::int AS payloads, coalesce(string_agg(payload, ''), '') AS agents
+      FROM payloads) AS sent`;
 
 // Only when some entries were not written: which of them have no row at all
 // (the flush's first three parameters: agents, rows' agent indexes, keys).
@@ -160,10 +163,18 @@ export class MetadataStore implements MetadataWriter {
     const params = await flushParameters(batch);
     if (this.notifyChannel !== undefined) {
       params.push(this.notifyChannel);
-      const { rows } = await this.pool.query<{ written: number; payloads: number }>(updateMetadataAndNotify, params);
-      const { written, payloads } = rows[0]!;
+      const { rows } = await this.pool.query<{ written: number; payloads: number; agents: string }>(
+        updateMetadataAndNotify,
+        params,
+      );
+      const { written, payloads, agents } = rows[0]!;
+      let changedAgentIds: string[] | undefined;
       return {
-        changedAgentIds: [],
+        // The agents the NOTIFY named, exactly, decoded when first read (about
+        // 18 ms of CPU for 20,000): the batcher reads them only for its sinks.
+        get changedAgentIds() {
+          return (changedAgentIds ??= decodeAgentIdChunk(agents));
+        },
         ...(await this.countSkipped(params, batch.keys.length, written)),
         announced: payloads,
       };

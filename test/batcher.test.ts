@@ -478,7 +478,7 @@ describe('beyond the original', () => {
     h.batcher.add(agent!, ['key1'], ['v'], [''], [at('2026-11-23T00:00:01Z')]);
     await h.advance(5000);
     expect(h.publisher.calls).toHaveLength(1);
-    expect(await h.metric('metabatch_metadata_publish_errors_total')).toBe(1);
+    expect(await h.metric('metabatch_metadata_publish_errors_total', { sink: 'notify' })).toBe(1);
     expect(await h.metric('metabatch_metadata_batches_total', { reason: 'scheduled' })).toBe(1);
     expect(await h.metric('metabatch_metadata_flushed_total')).toBe(1);
     expect(await rowsOf(db, [agent!])).toEqual([`${agent}|key1|v||2026-11-23T00:00:01.000Z`]);
@@ -502,7 +502,7 @@ describe('beyond the original', () => {
     h.batcher.add(other!, ['key1'], ['held too'], [''], [t]);
     await h.advance(5000);
     expect(await h.metric('metabatch_metadata_flush_errors_total')).toBe(1);
-    expect(await h.metric('metabatch_metadata_publish_errors_total')).toBe(1);
+    expect(await h.metric('metabatch_metadata_publish_errors_total', { sink: 'notify' })).toBe(1);
     expect(await h.metric('metabatch_metadata_flushed_total')).toBe(0);
     expect(h.batcher.currentBatchLen).toBe(2);
     // The whole statement rolled back: nothing written, nothing announced.

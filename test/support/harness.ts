@@ -78,16 +78,17 @@ export interface Harness {
 
 export async function createHarness(
   db: TestDatabase,
-  options: Partial<Omit<BatcherOptions, 'store' | 'publisher' | 'metrics'>> & {
+  options: Partial<Omit<BatcherOptions, 'store' | 'metrics'>> & {
     startAt?: number;
     /**
      * Who NOTIFYs: the store, in the flush's own UPDATE statement, as the
-     * service wires it (default); or a separate Publisher (library use).
+     * service wires it (default); or a separate Publisher (library use),
+     * before any `announcers` given.
      */
     announce?: 'publisher' | 'store';
   } = {},
 ): Promise<Harness> {
-  const { startAt, announce = 'store', ...batcherOptions } = options;
+  const { startAt, announce = 'store', announcers = [], ...batcherOptions } = options;
   const clock = FakeTimers.createClock(startAt ?? Date.parse('2026-11-23T00:00:00Z'));
   const registry = new Registry();
   const store = new ObservedStore(db.pool, announce === 'store' ? { notifyChannel: CHANNEL } : {});
@@ -96,7 +97,7 @@ export async function createHarness(
   const listener = await subscribe({ databaseUrl: db.url, onBatch: (ids) => payloads.push(ids) });
   const batcher = new Batcher({
     store,
-    ...(announce === 'publisher' ? { publisher } : {}),
+    announcers: [...(announce === 'publisher' ? [publisher] : []), ...announcers],
     metrics: new BatcherMetrics(registry),
     logger: createLogger('silent'),
     clock,
