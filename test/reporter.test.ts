@@ -355,7 +355,7 @@ describe('createReporter()', () => {
   it.each([
     ['over the stream', false],
     ['by POST', true],
-  ])('stops for good when the token is refused (401 %s): report() throws, flush() resolves', async (_name, viaPost) => {
+  ])('stops for good when the token is refused (401 %s): report() refuses, flush() settles', async (_name, viaPost) => {
     const h = await service();
     const agent = await h.agent(['cpu']);
     const url = viaPost ? (await frontDoor(h.base)).url : h.base;
@@ -371,8 +371,15 @@ describe('createReporter()', () => {
     expect(fatal).toMatchObject({ fatal: true, status: 401 });
     expect(fatal.message).toMatch(/refused the agent token \(401: invalid agent token\)/);
     expect(errors.filter((err) => err.fatal)).toHaveLength(1);
-    expect(() => r.report({ cpu: '2' })).toThrow(/reporter stopped: metabatch refused the agent token/);
-    expect(r.stats()).toMatchObject({ transport: 'none', heldKeys: 0, discardedKeys: 1, acceptedKeys: 0 });
+    // onError said why before report() could answer: nothing taken, and no throw.
+    expect(r.report({ cpu: '2', mem: '3' })).toEqual({ accepted: 0, refused: 2, stopped: true });
+    expect(r.stats()).toMatchObject({
+      transport: 'none',
+      heldKeys: 0,
+      discardedKeys: 1,
+      acceptedKeys: 0,
+      refusedKeys: 2,
+    });
     await r.flush();
     expect(await r.close()).toEqual({ flushed: true, discardedKeys: 1 });
   });
@@ -393,7 +400,7 @@ describe('createReporter()', () => {
     await vi.waitFor(() => expect(errors).toHaveLength(1));
     expect(errors[0]).toMatchObject({ fatal: true, closeCode: 4001 });
     expect(errors[0]!.message).toMatch(/token revoked/);
-    expect(() => r.report({ cpu: '2' })).toThrow(/reporter stopped/);
+    expect(r.report({ cpu: '2' })).toEqual({ accepted: 0, refused: 1, stopped: true });
   });
 
   it('close() flushes what it holds, closes the stream and leaves no timers; report() throws afterwards', async () => {
