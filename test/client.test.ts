@@ -5,6 +5,7 @@ import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from 'vitest
 import { subscribe, type Subscription } from '../src/client.js';
 import { createTestDatabase, type TestDatabase } from './support/db.js';
 import { createHarness, type Harness } from './support/harness.js';
+import { ownTimers } from './support/ownTimers.js';
 
 let db: TestDatabase;
 let h: Harness;
@@ -96,18 +97,21 @@ describe('subscribe()', () => {
   });
 
   it('closes idempotently, ends its connection and leaves no timers behind', async () => {
-    const timers = () => process.getActiveResourcesInfo().filter((r) => r === 'Timeout').length;
-    const before = timers();
-    const subscription = await subscribe({
-      databaseUrl: db.url,
-      applicationName: 'sdk-test-close',
-      onBatch: () => undefined,
-    });
-    expect(timers()).toBeGreaterThan(before);
-    const closing = subscription.close();
-    expect(subscription.close()).toBe(closing);
-    await closing;
-    expect(timers()).toBe(before);
+    // Only the subscription's own timers (pg-listen's health check, pg's), not the process's:
+    // other code's timers come and go meanwhile.
+    const timers = ownTimers();
+    try {
+      const subscription = await timers.run(() =>
+        subscribe({ databaseUrl: db.url, applicationName: 'sdk-test-close', onBatch: () => undefined }),
+      );
+      expect(timers.pending()).toBeGreaterThan(0);
+      const closing = timers.run(() => subscription.close());
+      expect(subscription.close()).toBe(closing);
+      await closing;
+      expect(timers.pending()).toBe(0);
+    } finally {
+      timers.dispose();
+    }
     await vi.waitFor(async () => {
       const { rows } = await db.pool.query(
         `SELECT count(*)::int AS n FROM pg_stat_activity WHERE application_name = 'sdk-test-close'`,

@@ -7,6 +7,7 @@ import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from 'vitest
 import { provisionAgents } from '../src/provision.js';
 import { createTestDatabase, type TestDatabase } from './support/db.js';
 import { ADMIN_TOKEN, startTestService, type ServiceHarness } from './support/service.js';
+import { openSse, type SseStream } from './support/sse.js';
 
 let db: TestDatabase;
 let h: ServiceHarness;
@@ -36,32 +37,13 @@ interface AgentEvent {
   metadata?: Item[];
 }
 
-/** Reads a Server-Sent Events stream in the background, as a browser does. */
-async function open(path: string, init: RequestInit = {}) {
-  const controller = new AbortController();
-  const res = await fetch(`${h.base}${path}`, { ...init, signal: controller.signal });
-  const events: { type: string; data: AgentEvent }[] = [];
-  if (res.status === 200) {
-    const reader = res.body!.pipeThrough(new TextDecoderStream()).getReader();
-    let buffer = '';
-    void (async () => {
-      try {
-        for (;;) {
-          const { value, done } = await reader.read();
-          if (done) return;
-          buffer += value;
-          for (let end = buffer.indexOf('\n\n'); end >= 0; end = buffer.indexOf('\n\n')) {
-            const event = /^event: (\w+)\ndata: (.*)$/s.exec(buffer.slice(0, end));
-            buffer = buffer.slice(end + 2);
-            if (event) events.push({ type: event[1]!, data: JSON.parse(event[2]!) as AgentEvent });
-          }
-        }
-      } catch {
-        // aborted
-      }
-    })();
-  }
-  const stream = { res, events, close: () => controller.abort() };
+/** A many-agent watch stream as the admin, read in the background (test/support/sse.ts). */
+async function open(path: string, body?: unknown): Promise<SseStream<AgentEvent>> {
+  const stream = await openSse<AgentEvent>(
+    `${h.base}${path}`,
+    ADMIN_TOKEN,
+    body === undefined ? {} : { method: 'POST', body },
+  );
   opened.push(stream);
   return stream;
 }
@@ -89,6 +71,23 @@ async function flushAndHear(): Promise<void> {
   const heard = await h.metric('metabatch_listener_batches_total');
   await h.advance(200);
   await vi.waitFor(async () => expect(await h.metric('metabatch_listener_batches_total')).toBeGreaterThan(heard));
+}
+
+type Agent = { id: string; token: string };
+
+/**
+ * Agents declaring `cpu`, once the service's own LISTEN has heard their
+ * declarations (each NOTIFYs the batch channel): heard after a stream opened,
+ * one would count as changed and be sent again.
+ */
+async function heardAgents(count: number): Promise<Agent[]> {
+  const heard = await h.metric('metabatch_listener_batches_total');
+  const agents = [];
+  for (let i = 0; i < count; i++) agents.push(await h.agent(['cpu']));
+  await vi.waitFor(async () =>
+    expect(await h.metric('metabatch_listener_batches_total')).toBeGreaterThanOrEqual(heard + count),
+  );
+  return agents;
 }
 
 describe('GET /v1/agents/metadata (bulk read)', () => {
@@ -177,16 +176,11 @@ describe('GET /v1/agents/metadata (bulk read)', () => {
 
 describe('the many-agent watch', () => {
   it('sends each agent at once, then what batches change; by GET or by POST', async () => {
-    const a = await h.agent(['cpu']);
-    const b = await h.agent(['cpu']);
-    const byGet = await open(`/v1/agents/metadata/watch?agent_id=${a.id}&agent_id=${b.id}`, { headers: admin });
-    const byPost = await open('/v1/agents/metadata/watch', {
-      method: 'POST',
-      headers: { ...admin, 'content-type': 'application/json' },
-      body: JSON.stringify({ agent_ids: [a.id, b.id] }),
-    });
+    const [a, b] = (await heardAgents(2)) as [Agent, Agent];
+    const byGet = await open(`/v1/agents/metadata/watch?agent_id=${a.id}&agent_id=${b.id}`);
+    const byPost = await open('/v1/agents/metadata/watch', { agent_ids: [a.id, b.id] });
     for (const stream of [byGet, byPost]) {
-      expect(stream.res.headers.get('content-type')).toBe('text/event-stream');
+      expect(stream.headers.get('content-type')).toBe('text/event-stream');
       await vi.waitFor(() => expect(stream.events.map((e) => e.data.agent_id).sort()).toEqual([a.id, b.id].sort()));
     }
     await report(b.id, b.token, { cpu: '42%' });
@@ -206,7 +200,7 @@ describe('the many-agent watch', () => {
 
   it('with all=true, sends every agent, then agents created later, and says when one is deleted', async () => {
     const existing = await h.agent(['cpu']);
-    const stream = await open('/v1/agents/metadata/watch?all=true', { headers: admin });
+    const stream = await open('/v1/agents/metadata/watch?all=true');
     await vi.waitFor(() => expect(stream.events.map((e) => e.data.agent_id)).toContain(existing.id));
     const known = new Set(stream.events.map((e) => e.data.agent_id));
     const { rows } = await db.pool.query<{ n: number }>('SELECT count(*)::int AS n FROM workspace_agents');
@@ -226,8 +220,8 @@ describe('the many-agent watch', () => {
   });
 
   it('sends each changed agent within a second under a continuous stream of batches', async () => {
-    const a = await h.agent(['cpu']);
-    const stream = await open(`/v1/agents/metadata/watch?agent_id=${a.id}`, { headers: admin });
+    const [a] = (await heardAgents(1)) as [Agent];
+    const stream = await open(`/v1/agents/metadata/watch?agent_id=${a.id}`);
     await vi.waitFor(() => expect(stream.events).toHaveLength(1));
     // A new value and a flush every 200 ms, for 4 s: the agent is never quiet.
     for (let step = 1; step <= 20; step++) {
@@ -246,9 +240,8 @@ describe('the many-agent watch', () => {
   });
 
   it('re-reads every agent of the stream after the LISTEN connection is killed, and sends what changed meanwhile', async () => {
-    const a = await h.agent(['cpu']);
-    const b = await h.agent(['cpu']);
-    const stream = await open(`/v1/agents/metadata/watch?agent_id=${a.id}&agent_id=${b.id}`, { headers: admin });
+    const [a, b] = (await heardAgents(2)) as [Agent, Agent];
+    const stream = await open(`/v1/agents/metadata/watch?agent_id=${a.id}&agent_id=${b.id}`);
     await vi.waitFor(() => expect(stream.events).toHaveLength(2));
     // Changes no NOTIFY announces, as if missed while disconnected.
     await db.pool.query(
@@ -309,9 +302,9 @@ describe('the many-agent watch', () => {
   });
 
   it('serves 1,000 streams with one LISTEN connection', async () => {
-    const a = await h.agent(['cpu']);
+    const [a] = (await heardAgents(1)) as [Agent];
     const streams = await Promise.all(
-      Array.from({ length: 1000 }, () => open(`/v1/agents/metadata/watch?agent_id=${a.id}`, { headers: admin })),
+      Array.from({ length: 1000 }, () => open(`/v1/agents/metadata/watch?agent_id=${a.id}`)),
     );
     await vi.waitFor(() => expect(streams.every((s) => s.events.length === 1)).toBe(true), { timeout: 15_000 });
     expect(await h.metric('metabatch_watchers')).toBe(1000);
@@ -377,12 +370,8 @@ describe('the many-agent watch', () => {
       headers: admin,
     });
     expect(tooLong.status).toBe(431);
-    const stream = await open('/v1/agents/metadata/watch', {
-      method: 'POST',
-      headers: { ...admin, 'content-type': 'application/json' },
-      body: JSON.stringify({ agent_ids: ids }),
-    });
-    expect(stream.res.status).toBe(200);
+    const stream = await open('/v1/agents/metadata/watch', { agent_ids: ids });
+    expect(stream.status).toBe(200);
     await vi.waitFor(() => expect(new Set(stream.events.map((e) => e.data.agent_id)).size).toBe(1000));
   });
 });

@@ -10,7 +10,8 @@ import { beforeAll, describe, expect, it, vi } from 'vitest';
 import { provisionAgents, type ProvisionedAgent } from '../src/provision.js';
 import { testDatabase } from './support/db.js';
 import { seededRandom } from './support/random.js';
-import { replicasOf, type Replica } from './support/replicas.js';
+import { replicaMetric, replicasOf, type Replica } from './support/replicas.js';
+import { openSse } from './support/sse.js';
 
 const db = testDatabase();
 const ADMIN = 'replicas-test-admin-token';
@@ -74,16 +75,27 @@ async function tableValues(ids: Iterable<string>): Promise<Map<string, string>> 
   return new Map(rows.filter((r) => wanted.has(r.id)).map((r) => [r.id, r.value]));
 }
 
-async function deadlocks(): Promise<number> {
-  const { rows } = await db.pool.query<{ n: string }>(
-    `SELECT deadlocks AS n FROM pg_stat_database WHERE datname = current_database()`,
-  );
-  return Number(rows[0]!.n);
+/**
+ * Waits until no replica holds anything to flush (its channel and its batch
+ * are empty, so no UPDATE is in flight), then reads how many of their flushes
+ * failed. Only their flushes write these rows: a deadlock between two of them
+ * aborts one of the two UPDATEs, and that replica counts it in
+ * metabatch_metadata_flush_errors_total before retrying.
+ */
+async function flushErrorsOnceIdle(): Promise<Record<string, number>> {
+  const errors: Record<string, number> = {};
+  for (const replica of replicas) {
+    await vi.waitFor(async () => {
+      expect(await replicaMetric(replica.base, 'metabatch_metadata_channel_depth')).toBe(0);
+      expect(await replicaMetric(replica.base, 'metabatch_metadata_held_keys')).toBe(0);
+    });
+    errors[replica.name] = await replicaMetric(replica.base, 'metabatch_metadata_flush_errors_total');
+  }
+  return errors;
 }
 
 describe('three replicas on one Postgres', () => {
   it('end with every row at its newest value, whichever replica got which report, and never deadlock', async () => {
-    const before = await deadlocks();
     const acknowledged = new Acknowledged();
     const base = Date.parse('2026-11-24T00:00:00Z');
     // Eight rounds; in each, 16 clients send 25 reports each to random replicas.
@@ -111,39 +123,29 @@ describe('three replicas on one Postgres', () => {
         interval: 200,
       });
     }
-    // Postgres publishes a backend's counters when it goes idle.
-    await new Promise((resolve) => setTimeout(resolve, 600));
-    expect(await deadlocks()).toBe(before);
+    // No flush failed, so none was a deadlock victim (the replicas log each failure; a deadlock as `deadlock detected`).
+    expect(
+      await flushErrorsOnceIdle(),
+      replicas
+        .map((r) => `${r.service.stdout()}${r.service.stderr()}`.match(/^.*deadlock detected.*$/gm) ?? [])
+        .join('\n'),
+    ).toEqual({ a: 0, b: 0, c: 0 });
   }, 120_000);
 
   it('show a watcher on one replica the values ingested on the others within a flush period and a second', async () => {
     const [a, b, c] = replicas as [Replica, Replica, Replica];
     const watched = agents.slice(0, 4);
-    const controller = new AbortController();
-    const res = await fetch(`${a.base}/v1/agents/metadata/watch`, {
-      method: 'POST',
-      headers: { authorization: `Bearer ${ADMIN}`, 'content-type': 'application/json' },
-      body: JSON.stringify({ agent_ids: watched.map((agent) => agent.id) }),
-      signal: controller.signal,
-    });
-    expect(res.status).toBe(200);
     const seen = new Map<string, number>();
-    const reader = res.body!.pipeThrough(new TextDecoderStream()).getReader();
-    let buffer = '';
-    const reading = (async () => {
-      for (;;) {
-        const { value, done } = await reader.read().catch(() => ({ value: undefined, done: true }));
-        if (done) return;
-        buffer += value;
-        for (let end = buffer.indexOf('\n\n'); end >= 0; end = buffer.indexOf('\n\n')) {
-          const event = /^event: data\ndata: (.*)$/s.exec(buffer.slice(0, end));
-          buffer = buffer.slice(end + 2);
-          if (!event) continue;
-          const data = JSON.parse(event[1]!) as { metadata: { value: string }[] };
-          for (const item of data.metadata) if (!seen.has(item.value)) seen.set(item.value, Date.now());
-        }
-      }
-    })();
+    const stream = await openSse<{ metadata: { value: string }[] }>(`${a.base}/v1/agents/metadata/watch`, ADMIN, {
+      method: 'POST',
+      body: { agent_ids: watched.map((agent) => agent.id) },
+      // When each value first arrived.
+      onEvent: ({ type, data }) => {
+        if (type !== 'data') return;
+        for (const item of data.metadata) if (!seen.has(item.value)) seen.set(item.value, Date.now());
+      },
+    });
+    expect(stream.status).toBe(200);
     try {
       // The longest the path can take: a whole flush period (with its jitter), then the watch tick.
       const bound = FLUSH_INTERVAL_MS * (1 + FLUSH_JITTER) + 1000;
@@ -157,8 +159,8 @@ describe('three replicas on one Postgres', () => {
         expect(seen.get(value)! - sentAt).toBeLessThan(bound + 250);
       }
     } finally {
-      controller.abort();
-      await reading;
+      stream.close();
+      await stream.ended;
     }
   });
 

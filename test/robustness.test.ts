@@ -46,8 +46,14 @@ describe('bad input', () => {
       // Seeded, so a failure replays; FC_SEED=<n> explores other inputs.
       { numRuns: 10_000, seed: Number(process.env.FC_SEED ?? 20261124) },
     );
-    expect([...statuses.values()].reduce((a, b) => a + b, 0)).toBe(10_000);
+    // Every answer is an acceptance or a 400, and there were both: some bodies were
+    // applied, so the flush below has something to flush.
+    expect(
+      [...statuses.keys()].sort((a, b) => a - b),
+      JSON.stringify([...statuses]),
+    ).toEqual([202, 400]);
     expect(statuses.get(400)).toBeGreaterThan(1000);
+    expect(statuses.get(202), JSON.stringify([...statuses])).toBeGreaterThan(100);
     // Whatever was accepted flushes without failing the batch.
     await h.advance(5000);
     await h.service.batcher.idle();

@@ -7,10 +7,12 @@
 // one, and generated messages.
 
 import net from 'node:net';
+import { once } from 'node:events';
 import fc from 'fast-check';
 import { afterEach, describe, expect, it, vi } from 'vitest';
 import WebSocket from 'ws';
 import { provisionAgents } from '../src/provision.js';
+import { BACKPRESSURE_BYTES } from '../src/routes/ingestStream.js';
 import { MAX_MESSAGE_BYTES, PING_INTERVAL_MS, PING_SLOTS } from '../src/routes/stream.js';
 import { ReportMetadata } from '../src/schemas.js';
 import { MAX_STREAMS_PER_AGENT, StreamRegistry } from '../src/streams.js';
@@ -134,15 +136,30 @@ async function refused(
 
 const bearer = (token: string) => ({ authorization: `Bearer ${token}` });
 
-/** Reports the service has handled once that count stops moving (the same in two reads 300 ms apart). */
-async function settledReports(h: ServiceHarness): Promise<number> {
-  let handled = -1;
-  for (;;) {
-    await new Promise((resolve) => setTimeout(resolve, 300));
-    const now = await h.metric('metabatch_stream_reports_total');
-    if (now === handled) return handled;
-    handled = now;
-  }
+/** The service's end of the next stream opened: the TCP socket its upgrade came on. */
+function serviceEnd(h: ServiceHarness): Promise<net.Socket> {
+  return new Promise((resolve) => h.app.server.once('upgrade', (_request, socket: net.Socket) => resolve(socket)));
+}
+
+/**
+ * From now on, every time the service reads its client's reports while more
+ * than BACKPRESSURE_BYTES of answers wait in its socket (never, if it holds
+ * back as it should). Call it once the stream is open: the listener goes
+ * before the service's own, so it sees the socket before that read's answers.
+ */
+function readsWhileFull(socket: net.Socket): number[] {
+  const reads: number[] = [];
+  socket.prependListener('data', () => {
+    if (socket.writableLength > BACKPRESSURE_BYTES) reads.push(socket.writableLength);
+  });
+  return reads;
+}
+
+/** Resolves when the service stops reading the stream for unread answers (its socket's 'pause', counted). */
+async function heldBack(h: ServiceHarness, socket: net.Socket): Promise<void> {
+  const before = await h.metric('metabatch_stream_paused_total');
+  await once(socket, 'pause');
+  expect(await h.metric('metabatch_stream_paused_total')).toBe(before + 1);
 }
 
 describe('the upgrade', () => {
@@ -466,21 +483,26 @@ describe('bounds', () => {
   it('stops reading a client that does not read its answers, and answers everything once it does', async () => {
     const h = await appHarness();
     const { id, token } = await h.agent(['cpu']);
+    const service = serviceEnd(h);
     const stream = await open(h.base, id, token);
+    const socket = await service;
+    const readWhileFull = readsWhileFull(socket);
     // The client stops reading: answers pile up in the service's socket (and the kernel's buffers).
     stream.ws.pause();
     const count = 300_000;
     const seq = 9_000_000_000_000_000; // long answers: ~55 bytes each, ~16 MB in all
     for (let i = 0; i < count; i++) stream.send(`{"seq":${seq + i},"metadata":[]}`);
-    // The service stops reading once over 1 MiB of answers waits: it settles short of every report.
-    const handled = await settledReports(h);
+    // The service stops reading once over 1 MiB of answers waits, short of every report.
+    await heldBack(h, socket);
+    const handled = await h.metric('metabatch_stream_reports_total');
     expect(handled).toBeGreaterThan(0);
     expect(handled).toBeLessThan(count);
-    expect(await h.metric('metabatch_stream_paused_total')).toBeGreaterThanOrEqual(1);
     // Reading again: every report is answered, in order.
     stream.ws.resume();
     await stream.until(() => stream.answers.length === count);
     expect(stream.answers.every((answer, i) => answer.seq === seq + i && answer.accepted === 0)).toBe(true);
+    // And it never read a report while over 1 MiB of answers waited (it read again only once they drained).
+    expect(readWhileFull).toEqual([]);
   }, 60_000);
 
   it(`pings every ${PING_INTERVAL_MS / 1000} s and cuts off a stream that answers no ping and sends nothing`, async () => {
@@ -586,12 +608,15 @@ describe('shutdown', () => {
   it('answers the reports it had read and held for a client that was not reading, then closes with 1001', async () => {
     const h = await appHarness();
     const { id, token } = await h.agent(['cpu']);
+    const service = serviceEnd(h);
     const stream = await open(h.base, id, token);
+    const socket = await service;
     stream.ws.pause();
     const count = 300_000;
     for (let seq = 0; seq < count; seq++) stream.send(`{"seq":${seq},"metadata":[{"key":"cpu","value":"v${seq}"}]}`);
     // Reading has stopped (backpressure), with what was read last held unanswered.
-    const handled = await settledReports(h);
+    await heldBack(h, socket);
+    const handled = await h.metric('metabatch_stream_reports_total');
     const stopping = h.service.stop();
     stream.ws.resume();
     expect(await stream.closed).toEqual({ code: 1001, reason: 'shutting down' });

@@ -4,10 +4,10 @@
 // watcher, a resync after that connection is killed, a retry after a failed
 // read, and a bounded buffer for a client that stops reading.
 
-import net from 'node:net';
 import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from 'vitest';
 import { createTestDatabase, type TestDatabase } from './support/db.js';
 import { outage } from './support/faults.js';
+import { openSse, stalledWatch } from './support/sse.js';
 import { ADMIN_TOKEN, startTestService, type ServiceHarness } from './support/service.js';
 
 let db: TestDatabase;
@@ -38,53 +38,12 @@ const streams: Stream[] = [];
 afterEach(() => streams.splice(0).forEach((s) => s.close()));
 
 async function watch(agentId: string, token: string): Promise<Stream> {
-  const controller = new AbortController();
-  const res = await fetch(`${h.base}/v1/agents/${agentId}/metadata/watch`, {
-    headers: { authorization: `Bearer ${token}` },
-    signal: controller.signal,
-  });
-  expect(res.status).toBe(200);
-  expect(res.headers.get('content-type')).toBe('text/event-stream');
-  expect(res.headers.get('x-accel-buffering')).toBe('no');
-  const reader = res.body!.pipeThrough(new TextDecoderStream()).getReader();
-  let buffer = '';
-  let all = '';
-  let ended = false;
-  let wake: (() => void) | undefined;
-  // Read all the time, as a browser does: `raw()` shows what has arrived.
-  void (async () => {
-    try {
-      for (;;) {
-        const { value, done } = await reader.read();
-        if (done) break;
-        buffer += value;
-        all += value;
-        wake?.();
-      }
-    } catch {
-      // aborted
-    }
-    ended = true;
-    wake?.();
-  })();
-  const read = async () => {
-    if (ended) throw new Error('stream ended');
-    await new Promise<void>((resolve) => (wake = resolve));
-  };
+  const sse = await openSse<View>(`${h.base}/v1/agents/${agentId}/metadata/watch`, token);
+  expect(sse.status).toBe(200);
+  expect(sse.headers.get('content-type')).toBe('text/event-stream');
+  expect(sse.headers.get('x-accel-buffering')).toBe('no');
   const stream: Stream = {
-    async next() {
-      for (;;) {
-        const end = buffer.indexOf('\n\n');
-        if (end >= 0) {
-          const event = buffer.slice(0, end);
-          buffer = buffer.slice(end + 2);
-          const data = /^event: data\ndata: (.*)$/s.exec(event);
-          if (data) return JSON.parse(data[1]!) as View;
-          continue;
-        }
-        await read();
-      }
-    },
+    next: async () => (await sse.read('data')).data,
     async until(key, value) {
       for (let i = 0; i < 5; i++) {
         const list = await stream.next();
@@ -92,8 +51,8 @@ async function watch(agentId: string, token: string): Promise<Stream> {
       }
       throw new Error(`no list with ${key}=${value} in 5 events`);
     },
-    raw: () => all,
-    close: () => controller.abort(),
+    raw: () => sse.raw(),
+    close: () => sse.close(),
   };
   streams.push(stream);
   return stream;
@@ -239,10 +198,7 @@ describe('GET /v1/agents/{id}/metadata/watch', () => {
     );
     await h.advance(5000);
     // A raw socket that sends the request and never reads.
-    const socket = net.connect(Number(new URL(h.base).port), '127.0.0.1');
-    await new Promise((resolve) => socket.once('connect', resolve));
-    socket.pause();
-    socket.write(`GET /v1/agents/${id}/metadata/watch HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${token}\r\n\r\n`);
+    const socket = await stalledWatch(h.base, `/v1/agents/${id}/metadata/watch`, token);
     await vi.waitFor(async () => expect(await h.metric('metabatch_watchers')).toBe(1));
     const sent = () => h.metric('metabatch_watch_events_sent_total');
     const dropped = () => h.metric('metabatch_watch_events_dropped_total');

@@ -8,7 +8,7 @@ import fs from 'node:fs/promises';
 import type net from 'node:net';
 import { afterAll, describe, expect, it, vi } from 'vitest';
 import { testDatabase } from './support/db.js';
-import { call, replicasOf, type Replica } from './support/replicas.js';
+import { call, replicaMetric, replicasOf, type Replica } from './support/replicas.js';
 import { stalledWatch } from './support/sse.js';
 
 const db = testDatabase();
@@ -23,12 +23,6 @@ afterAll(() => sockets.forEach((s) => s.destroy()));
 async function rss(pid: number): Promise<number> {
   const status = await fs.readFile(`/proc/${pid}/status`, 'utf8');
   return Number(/^VmRSS:\s+(\d+) kB$/m.exec(status)![1]) * 1024;
-}
-
-async function metric(base: string, series: string): Promise<number> {
-  const text = await (await fetch(`${base}/metrics`)).text();
-  const line = text.split('\n').find((l) => l.startsWith(`${series} `));
-  return line === undefined ? 0 : Number(line.slice(series.length + 1));
 }
 
 describe('300 watch clients that never read', () => {
@@ -57,16 +51,16 @@ describe('300 watch clients that never read', () => {
     const reader = warm.body!.getReader();
     for (let got = 0; got < 4 * MiB;) got += (await reader.read()).value!.length;
     await reader.cancel();
-    await vi.waitFor(async () => expect(await metric(only.base, 'metabatch_watchers')).toBe(0));
-    const sentBefore = await metric(only.base, 'metabatch_watch_events_sent_total');
+    await vi.waitFor(async () => expect(await replicaMetric(only.base, 'metabatch_watchers')).toBe(0));
+    const sentBefore = await replicaMetric(only.base, 'metabatch_watch_events_sent_total');
     const before = await rss(pid);
 
     for (let i = 0; i < STREAMS; i++) sockets.push(await stalledWatch(only.base, path, ADMIN));
     await vi.waitFor(
       async () => {
-        expect(await metric(only.base, 'metabatch_watchers')).toBe(STREAMS);
+        expect(await replicaMetric(only.base, 'metabatch_watchers')).toBe(STREAMS);
         // Every stream has begun its first event.
-        expect(await metric(only.base, 'metabatch_watch_events_sent_total')).toBeGreaterThanOrEqual(
+        expect(await replicaMetric(only.base, 'metabatch_watch_events_sent_total')).toBeGreaterThanOrEqual(
           sentBefore + STREAMS,
         );
       },
@@ -77,8 +71,8 @@ describe('300 watch clients that never read', () => {
 
     await vi.waitFor(
       async () => {
-        expect(await metric(only.base, 'metabatch_watch_closed_total{reason="slow"}')).toBe(STREAMS);
-        expect(await metric(only.base, 'metabatch_watchers')).toBe(0);
+        expect(await replicaMetric(only.base, 'metabatch_watch_closed_total{reason="slow"}')).toBe(STREAMS);
+        expect(await replicaMetric(only.base, 'metabatch_watchers')).toBe(0);
       },
       { timeout: 20_000, interval: 200 },
     );

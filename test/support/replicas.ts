@@ -54,3 +54,10 @@ export async function call(base: string, method: string, url: string, token: str
   });
   return { status: res.status, body: res.status === 204 ? undefined : ((await res.json()) as Record<string, string>) };
 }
+
+/** One series' value from a replica's /metrics, by its name and labels as exposed (0 when it is not exposed). */
+export async function replicaMetric(base: string, series: string): Promise<number> {
+  const text = await (await fetch(`${base}/metrics`)).text();
+  const line = text.split('\n').find((l) => l.startsWith(`${series} `));
+  return line === undefined ? 0 : Number(line.slice(series.length + 1));
+}

@@ -1,31 +1,48 @@
-// A Server-Sent Events client for tests: reads a watch stream in the
-// background, as a browser does, and keeps each event as sent. Also a raw
-// socket that sends a watch request and never reads (a stalled client).
+// The one Server-Sent Events client of the tests: reads a watch stream in
+// the background, as a browser does, and keeps each event as sent (and the
+// text as received, pings included). Also a raw socket that sends a watch
+// request and never reads (a stalled client).
 
 import net from 'node:net';
 
-export interface SseEvent {
+export interface SseEvent<T = unknown> {
   type: string;
-  data: unknown;
+  data: T;
 }
 
-export interface SseStream {
+export interface SseStream<T = unknown> {
   status: number;
+  headers: Headers;
   /** The JSON body of an answer other than 200. */
   error: unknown;
-  events: SseEvent[];
+  events: SseEvent<T>[];
   /** Resolves when the service ends the stream. */
   ended: Promise<void>;
   /** Resolves with the first event of this type (already received or to come). */
-  next(type: string): Promise<SseEvent>;
+  next(type: string): Promise<SseEvent<T>>;
+  /**
+   * Resolves with the next event of this type after the one the last read()
+   * returned (already received or to come); events in between are passed over.
+   */
+  read(type: string): Promise<SseEvent<T>>;
+  /** Everything received so far, as sent (pings included). */
+  raw(): string;
   close(): void;
 }
 
-export async function openSse(
+export interface SseOptions<T> {
+  method?: string;
+  /** Sent as JSON. */
+  body?: unknown;
+  /** Called with each event as it arrives (to time it, say). */
+  onEvent?: (event: SseEvent<T>) => void;
+}
+
+export async function openSse<T = unknown>(
   url: string,
   token: string,
-  init: { method?: string; body?: unknown } = {},
-): Promise<SseStream> {
+  init: SseOptions<T> = {},
+): Promise<SseStream<T>> {
   const controller = new AbortController();
   const res = await fetch(url, {
     method: init.method ?? 'GET',
@@ -36,7 +53,7 @@ export async function openSse(
     ...(init.body === undefined ? {} : { body: JSON.stringify(init.body) }),
     signal: controller.signal,
   });
-  const events: SseEvent[] = [];
+  const events: SseEvent<T>[] = [];
   const waiters: (() => void)[] = [];
   const wake = () => waiters.splice(0).forEach((w) => w());
   let isEnded = false;
@@ -47,6 +64,7 @@ export async function openSse(
     resolveEnded();
   };
   let error: unknown;
+  let raw = '';
   if (res.status === 200) {
     const reader = res.body!.pipeThrough(new TextDecoderStream()).getReader();
     void (async () => {
@@ -56,10 +74,14 @@ export async function openSse(
           const { value, done } = await reader.read();
           if (done) break;
           buffer += value;
+          raw += value;
           for (let end = buffer.indexOf('\n\n'); end >= 0; end = buffer.indexOf('\n\n')) {
             const event = /^event: (\w+)\ndata: (.*)$/s.exec(buffer.slice(0, end));
             buffer = buffer.slice(end + 2);
-            if (event) events.push({ type: event[1]!, data: JSON.parse(event[2]!) });
+            if (!event) continue;
+            const parsed = { type: event[1]!, data: JSON.parse(event[2]!) as T };
+            events.push(parsed);
+            init.onEvent?.(parsed);
           }
           wake();
         }
@@ -73,19 +95,29 @@ export async function openSse(
     error = await res.json();
     markEnded();
   }
+  /** The first event of this type from `from` on, and its index, once there is one. */
+  const first = async (type: string, from: number): Promise<[SseEvent<T>, number]> => {
+    for (;;) {
+      const index = events.findIndex((e, i) => i >= from && e.type === type);
+      if (index >= 0) return [events[index]!, index];
+      if (isEnded) throw new Error(`the stream ended without an event ${type}`);
+      await new Promise<void>((resolve) => waiters.push(resolve));
+    }
+  };
+  let readUpTo = 0;
   return {
     status: res.status,
+    headers: res.headers,
     error,
     events,
     ended,
-    async next(type) {
-      for (;;) {
-        const found = events.find((e) => e.type === type);
-        if (found) return found;
-        if (isEnded) throw new Error(`the stream ended without an event ${type}`);
-        await new Promise<void>((resolve) => waiters.push(resolve));
-      }
+    next: async (type) => (await first(type, 0))[0],
+    async read(type) {
+      const [event, index] = await first(type, readUpTo);
+      readUpTo = index + 1;
+      return event;
     },
+    raw: () => raw,
     close: () => controller.abort(),
   };
 }
